@@ -1,0 +1,59 @@
+"""The ``deepcovid`` command line: one entry point, commands contributed by each package.
+
+Heavy imports (torch, SQLAlchemy, Celery) happen inside commands so ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="Deep-COVID Screen: screen chest X-ray archives for COVID-19 with a four-CNN ensemble.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+bundle_app = typer.Typer(help="Create, inspect, register and promote model bundles.", no_args_is_help=True)
+db_app = typer.Typer(help="Results database: migrations and checks.", no_args_is_help=True)
+app.add_typer(bundle_app, name="bundle")
+app.add_typer(db_app, name="db")
+
+GROUPS = {"bundle": bundle_app, "db": db_app}
+console = Console()
+
+
+@app.command()
+def config() -> None:
+    """Print the effective settings (from DEEPCOVID_* variables and .env), secrets masked."""
+    from deepcovid.settings import get_settings
+
+    table = Table("setting", "environment variable", "value", title="Effective settings")
+    for name, value in get_settings().masked().items():
+        table.add_row(name, f"DEEPCOVID_{name.upper()}", value)
+    console.print(table)
+
+
+def _register_all() -> None:
+    from deepcovid import commands as core_commands
+
+    core_commands.register(app, GROUPS)
+    for module in ("db.cli", "producer.cli", "training.cli", "worker.cli"):
+        try:
+            mod = __import__(module, fromlist=["register"])
+        except ModuleNotFoundError as exc:  # a role package not installed in this deployment
+            if exc.name and module.startswith(exc.name):
+                continue
+            raise
+        mod.register(app, GROUPS)
+
+
+_register_all()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""The failure vocabulary shared by decoding, storage and the database.
+
+One exception type carries a short machine ``reason`` (stored in the database, counted in
+summaries) and a human ``detail``; callers never need to parse messages.
+"""
+
+from __future__ import annotations
+
+# Every reason an image can fail with. The database stores these strings verbatim.
+REASONS: dict[str, str] = {
+    "empty_file": "the file has zero bytes",
+    "truncated": "the file ends before the image data does",
+    "not_an_image": "the bytes are not a supported image format",
+    "too_large": "the image or file exceeds the configured size limits",
+    "unsupported_image": "an image format or mode this screener does not handle (e.g. animated)",
+    "unsupported_dicom": "a DICOM this screener refuses (multi-frame, no pixels, not a projection X-ray)",
+    "corrupt": "the image data is damaged and cannot be decoded",
+    "unreadable": "the file could not be read",
+    "not_found": "no such file or object",
+    "permission_denied": "the storage refused access",
+    "is_a_directory": "the path is a directory, not a file",
+    "outside_storage_root": "the path resolves outside the configured storage roots",
+    "crashed_worker": "scoring this image killed its worker process repeatedly",
+    "internal_error": "an unexpected error while scoring this image",
+}
+
+
+class ImageError(Exception):
+    """A per-image failure: recorded against that image, never fails its batch."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        if reason not in REASONS:
+            raise ValueError(f"unknown failure reason {reason!r}")
+        self.reason = reason
+        self.detail = detail or REASONS[reason]
+        super().__init__(f"{reason}: {self.detail}")
+
+
+class DecodeError(ImageError):
+    """The bytes were read but are not an image this screener can score."""
+
+
+class StorageError(ImageError):
+    """The bytes could not be read from storage for a reason specific to this image."""
+
+
+class TransientError(Exception):
+    """A failure worth retrying later (database or S3 unreachable, throttling): not the image's fault."""

@@ -1,0 +1,117 @@
+"""One typed settings object for every role, read from ``DEEPCOVID_*`` environment variables and ``.env``."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "deepcovid"
+
+
+class Settings(BaseSettings):
+    """Everything tunable, with defaults that work on one box with no services installed."""
+
+    model_config = SettingsConfigDict(env_prefix="DEEPCOVID_", env_file=".env", extra="ignore")
+
+    # Where the embedded SQLite database, registered bundles and checkpoints live.
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    # SQLAlchemy URL; empty means a SQLite file in data_dir. Production: postgresql+psycopg://...
+    database_url: SecretStr | None = None
+    # Celery broker: redis://... or amqp://...
+    broker_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    queue: str = "deepcovid"
+
+    # Workers read images only under these roots (comma separated). Empty: no local files are readable.
+    storage_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    s3_access_key_id: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_max_attempts: int = 5
+
+    # Scoring
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    batch_size: int = 32
+    decode_threads: int = Field(default_factory=lambda: os.cpu_count() or 2)
+    chunk_size: int = 256
+    cpu_bf16: bool = False  # only where the tested tolerance holds; fp32 otherwise
+    torch_threads: int = 0  # 0 lets torch decide
+    compile: bool = False  # torch.compile on CUDA
+
+    # Input limits: refuse before decoding rather than exhaust memory.
+    max_image_pixels: int = 64_000_000
+    max_file_bytes: int = 512 * 1024 * 1024
+
+    # ImageNet weights: torchvision's hub cache is used when it holds them; otherwise this directory.
+    imagenet_weights_dir: Path | None = None
+
+    # Registered bundles are copied here so every worker finds them by id.
+    bundles_dir: Path | None = None
+
+    # Delivery
+    max_attempts: int = 3  # an image whose chunk killed its worker this many times fails as crashed_worker
+    task_soft_time_limit: int = 1800
+    task_time_limit: int = 2100
+    visibility_timeout: int = 7200
+    retry_backoff_max: int = 300
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("storage_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [p for p in (part.strip() for part in value.split(",")) if p]
+        return value
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url is not None and self.database_url.get_secret_value():
+            return self.database_url.get_secret_value()
+        return f"sqlite:///{self.data_dir / 'deepcovid.db'}"
+
+    @property
+    def effective_bundles_dir(self) -> Path:
+        return self.bundles_dir or self.data_dir / "bundles"
+
+    def masked(self) -> dict[str, str]:
+        """Effective settings for display: passwords in URLs and secrets replaced by ***."""
+        out: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if name == "database_url":
+                value = self.effective_database_url
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+                if name.startswith("s3_"):
+                    value = "***" if value else ""
+            if isinstance(value, list):
+                value = ",".join(str(v) for v in value)
+            out[name] = mask_url(str(value)) if value is not None else ""
+        out["bundles_dir"] = str(self.effective_bundles_dir)
+        return out
+
+
+def mask_url(value: str) -> str:
+    """Hide the password in scheme://user:password@host URLs."""
+    if "://" not in value or "@" not in value:
+        return value
+    scheme, rest = value.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    if ":" in creds:
+        creds = creds.split(":", 1)[0] + ":***"
+    return f"{scheme}://{creds}@{host}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
