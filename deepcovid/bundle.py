@@ -1,0 +1,394 @@
+"""Model bundles: the four networks' weights plus everything needed to score with them, hash-verified.
+
+A bundle is a directory holding ``<arch>.safetensors`` per network and ``manifest.json`` (class order,
+input size, normalisation, thresholds, ensemble policy, provenance, metrics, and every file's sha256).
+Its id is derived from the manifest, which pins every file's hash, so an id names exactly one set of
+weights and any changed byte is detected when the bundle is loaded. No pickle is involved anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from deepcovid.networks import ARCHITECTURES, CLASSES, COVID_INDEX
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+MANIFEST = "manifest.json"
+POLICIES = ("mean", "majority", "any")
+DEFAULT_THRESHOLD = 0.5
+BUNDLE_ID_LENGTH = 16
+_BUNDLE_ID = re.compile(r"^[0-9a-f]{4,64}$")
+_REQUIRED_KEYS = (
+    "format_version",
+    "bundle_id",
+    "architectures",
+    "classes",
+    "input_size",
+    "normalization",
+    "thresholds",
+    "ensemble",
+    "files",
+)
+
+
+class BundleError(Exception):
+    """A bundle is missing, incomplete, tampered with, or of a format this version cannot read."""
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle on disk: where it is and what its manifest says."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def bundle_id(self) -> str:
+        return self.manifest["bundle_id"]
+
+    @property
+    def architectures(self) -> tuple[str, ...]:
+        return tuple(self.manifest["architectures"])
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(self.manifest["classes"])
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        return {arch: float(t) for arch, t in self.manifest["thresholds"].items()}
+
+    @property
+    def ensemble_policy(self) -> str:
+        return self.manifest["ensemble"]["policy"]
+
+    @property
+    def ensemble_threshold(self) -> float:
+        return float(self.manifest["ensemble"]["threshold"])
+
+    @property
+    def created_at(self) -> str | None:
+        return self.manifest.get("created_at")
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return self.manifest.get("provenance") or {}
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.manifest.get("metrics") or {}
+
+    def weights_path(self, arch: str) -> Path:
+        return self.path / weights_filename(arch)
+
+
+def weights_filename(arch: str) -> str:
+    return f"{arch}.safetensors"
+
+
+def compute_bundle_id(manifest: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of the manifest without its id; the first 16 hex digits."""
+    body = {key: value for key, value in manifest.items() if key != "bundle_id"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:BUNDLE_ID_LENGTH]
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _state_dict_for_safetensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, no two entries sharing memory (safetensors refuses shared tensors)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() in seen or storage.nbytes() != tensor.numel() * tensor.element_size():
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        out[name] = tensor
+    return out
+
+
+def _check_thresholds(architectures: list[str], thresholds: Mapping[str, float] | None) -> dict[str, float]:
+    given = dict(thresholds or {})
+    unknown = set(given) - set(architectures)
+    if unknown:
+        raise BundleError(f"thresholds given for networks not in the bundle: {', '.join(sorted(unknown))}")
+    out = {arch: float(given.get(arch, DEFAULT_THRESHOLD)) for arch in architectures}
+    for arch, value in out.items():
+        if not 0.0 <= value <= 1.0:
+            raise BundleError(f"threshold for {arch} must be within [0, 1], got {value}")
+    return out
+
+
+def save_bundle(
+    out: Path | str,
+    networks: Mapping[str, nn.Module],
+    *,
+    thresholds: Mapping[str, float] | None = None,
+    ensemble_policy: str = "mean",
+    ensemble_threshold: float = DEFAULT_THRESHOLD,
+    provenance: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    created_at: str | None = None,
+) -> Bundle:
+    """Write ``networks`` as a bundle in the new (or empty) directory ``out`` and return it, verified.
+
+    The directory appears only when complete (written beside it, then renamed). Thresholds default to
+    0.5; ``created_at`` defaults to now (UTC) and is part of the id.
+    """
+    import torch
+    import torchvision
+    from safetensors.torch import save_file
+
+    from deepcovid.preprocess import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE
+
+    out = Path(out)
+    architectures = list(networks)
+    if not architectures:
+        raise BundleError("a bundle needs at least one network")
+    unknown = [arch for arch in architectures if arch not in ARCHITECTURES]
+    if unknown:
+        raise BundleError(f"unknown architectures {unknown}; expected some of {', '.join(ARCHITECTURES)}")
+    if ensemble_policy not in POLICIES:
+        raise BundleError(
+            f"unknown ensemble policy {ensemble_policy!r}; expected one of {', '.join(POLICIES)}"
+        )
+    if not 0.0 <= float(ensemble_threshold) <= 1.0:
+        raise BundleError(f"ensemble threshold must be within [0, 1], got {ensemble_threshold}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BundleError(f"{out} already exists and is not an empty directory")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        files: dict[str, dict[str, Any]] = {}
+        for arch in architectures:
+            path = staging / weights_filename(arch)
+            save_file(_state_dict_for_safetensors(networks[arch]), str(path), metadata={"arch": arch})
+            files[path.name] = {"sha256": _sha256_file(path), "size": path.stat().st_size}
+        manifest: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "architectures": architectures,
+            "classes": list(CLASSES),
+            "covid_index": COVID_INDEX,
+            "input_size": INPUT_SIZE,
+            "normalization": {
+                "mean": [float(v) for v in IMAGENET_MEAN],
+                "std": [float(v) for v in IMAGENET_STD],
+            },
+            "thresholds": _check_thresholds(architectures, thresholds),
+            "ensemble": {"policy": ensemble_policy, "threshold": float(ensemble_threshold)},
+            "created_at": created_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "provenance": dict(provenance or {}),
+            "metrics": dict(metrics or {}),
+            "framework": {"torch": torch.__version__, "torchvision": torchvision.__version__},
+            "files": files,
+        }
+        manifest["bundle_id"] = compute_bundle_id(manifest)
+        (staging / MANIFEST).write_text(
+            json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        )
+        if out.exists():
+            out.rmdir()
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return load_bundle(out)
+
+
+def read_manifest(path: Path | str) -> dict[str, Any]:
+    """The manifest of the bundle at ``path``, parsed and checked for shape but not for hashes."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not path.is_dir():
+        raise BundleError(f"{path} is not a bundle directory")
+    if not manifest_path.is_file():
+        raise BundleError(f"{path} is not a complete bundle: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{manifest_path} cannot be read as JSON: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{manifest_path} is not a JSON object")
+    version = manifest.get("format_version")
+    if version not in SUPPORTED_FORMAT_VERSIONS:
+        raise BundleError(
+            f"bundle {path} has format_version {version!r}; this version of deepcovid reads "
+            f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))} (upgrade deepcovid or re-export the bundle)"
+        )
+    missing = [key for key in _REQUIRED_KEYS if key not in manifest]
+    if missing:
+        raise BundleError(f"{manifest_path} lacks {', '.join(missing)}")
+    return manifest
+
+
+def _check_manifest_contents(path: Path, manifest: dict[str, Any]) -> None:
+    architectures = manifest["architectures"]
+    if not isinstance(architectures, list) or not architectures:
+        raise BundleError(f"bundle {path}: architectures must be a non-empty list")
+    unknown = [arch for arch in architectures if arch not in ARCHITECTURES]
+    if unknown:
+        raise BundleError(f"bundle {path} holds networks this version cannot build: {unknown}")
+    if tuple(manifest["classes"]) != CLASSES:
+        raise BundleError(f"bundle {path} has class order {manifest['classes']}, expected {list(CLASSES)}")
+    files = manifest["files"]
+    for arch in architectures:
+        if weights_filename(arch) not in files:
+            raise BundleError(f"bundle {path}: no weights file listed for {arch}")
+        if arch not in manifest["thresholds"]:
+            raise BundleError(f"bundle {path}: no threshold for {arch}")
+    if manifest["ensemble"].get("policy") not in POLICIES:
+        raise BundleError(f"bundle {path}: unknown ensemble policy {manifest['ensemble'].get('policy')!r}")
+
+
+def load_bundle(path: Path | str) -> Bundle:
+    """Open and verify a bundle: its id, every file's size and sha256. Raises ``BundleError``."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    expected_id = compute_bundle_id(manifest)
+    if manifest["bundle_id"] != expected_id:
+        raise BundleError(
+            f"bundle {path} has been modified: its manifest hashes to {expected_id}, "
+            f"but it claims id {manifest['bundle_id']}"
+        )
+    _check_manifest_contents(path, manifest)
+    for name, entry in manifest["files"].items():
+        if Path(name).name != name or name in (MANIFEST, "", ".", ".."):
+            raise BundleError(f"bundle {path}: invalid file name {name!r} in the manifest")
+        file_path = path / name
+        if not file_path.is_file():
+            raise BundleError(f"bundle {path} is incomplete: {name} is missing")
+        size = file_path.stat().st_size
+        if size != entry.get("size"):
+            raise BundleError(
+                f"bundle {path}: {name} has {size} bytes, the manifest says {entry.get('size')}"
+            )
+        if _sha256_file(file_path) != entry.get("sha256"):
+            raise BundleError(f"bundle {path}: {name} has been modified (sha256 does not match the manifest)")
+    return Bundle(path=path, manifest=manifest)
+
+
+def load_networks(
+    bundle: Bundle | Path | str, architectures: list[str] | None = None
+) -> dict[str, nn.Module]:
+    """Build each network with random weights, then load the bundle's weights strictly (eval mode, CPU).
+
+    The bytes are hashed again as they are loaded, so a file swapped after ``load_bundle`` is caught.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors
+
+    from deepcovid.networks import build_network
+
+    if not isinstance(bundle, Bundle):
+        bundle = load_bundle(bundle)
+    networks: dict[str, nn.Module] = {}
+    for arch in architectures or bundle.architectures:
+        if arch not in bundle.architectures:
+            raise BundleError(f"bundle {bundle.bundle_id} has no {arch} network")
+        name = weights_filename(arch)
+        try:
+            data = bundle.weights_path(arch).read_bytes()
+        except OSError as exc:
+            raise BundleError(f"bundle {bundle.path}: cannot read {name}: {exc}") from exc
+        if hashlib.sha256(data).hexdigest() != bundle.manifest["files"][name]["sha256"]:
+            raise BundleError(f"bundle {bundle.path}: {name} has been modified (sha256 does not match)")
+        try:
+            state = load_safetensors(data)
+        except SafetensorError as exc:
+            raise BundleError(f"bundle {bundle.path}: {name} is not a valid safetensors file: {exc}") from exc
+        model = build_network(arch, "none")
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise BundleError(f"bundle {bundle.path}: {name} does not fit {arch}: {exc}") from exc
+        networks[arch] = model.eval()
+    return networks
+
+
+def install_bundle(bundle: Bundle | Path | str, bundles_dir: Path | str) -> Path:
+    """Copy a verified bundle to ``bundles_dir/<bundle_id>/`` atomically; a no-op when already there.
+
+    An installed copy that no longer verifies is replaced.
+    """
+    if not isinstance(bundle, Bundle):
+        bundle = load_bundle(bundle)
+    bundles_dir = Path(bundles_dir)
+    bundles_dir.mkdir(parents=True, exist_ok=True)
+    destination = bundles_dir / bundle.bundle_id
+    if destination.exists() and _installed_ok(destination, bundle.bundle_id):
+        return destination
+
+    staging = bundles_dir / f".{bundle.bundle_id}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        for name in [*bundle.manifest["files"], MANIFEST]:
+            shutil.copyfile(bundle.path / name, staging / name)
+        load_bundle(staging)  # the copy itself must verify before it becomes visible
+        if destination.exists():  # broken install: move it aside, then take its place
+            stale = bundles_dir / f".{bundle.bundle_id}.stale-{uuid.uuid4().hex[:8]}"
+            os.replace(destination, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.replace(staging, destination)
+        except OSError:
+            # Another process installed it between our check and the rename: keep theirs if it verifies.
+            if not _installed_ok(destination, bundle.bundle_id):
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return destination
+
+
+def _installed_ok(path: Path, bundle_id: str) -> bool:
+    try:
+        return load_bundle(path).bundle_id == bundle_id
+    except BundleError:
+        return False
+
+
+def find_bundle(bundle_id: str, bundles_dir: Path | str) -> Bundle:
+    """The installed bundle with this id (or unique id prefix of at least 4 hex digits), verified."""
+    bundles_dir = Path(bundles_dir)
+    if not isinstance(bundle_id, str) or not _BUNDLE_ID.match(bundle_id):
+        raise BundleError(f"{bundle_id!r} is not a bundle id (hex digits)")
+    exact = bundles_dir / bundle_id
+    if exact.is_dir():
+        return load_bundle(exact)
+    matches = (
+        sorted(p for p in bundles_dir.iterdir() if p.is_dir() and p.name.startswith(bundle_id))
+        if bundles_dir.is_dir()
+        else []
+    )
+    matches = [p for p in matches if _BUNDLE_ID.match(p.name)]
+    if len(matches) == 1:
+        return load_bundle(matches[0])
+    if len(matches) > 1:
+        raise BundleError(f"bundle id prefix {bundle_id} is ambiguous in {bundles_dir}")
+    raise BundleError(
+        f"bundle {bundle_id} is not installed in {bundles_dir}; register it with `deepcovid bundle register`"
+    )

@@ -1,0 +1,287 @@
+"""Scoring a batch with the four networks, and combining their probabilities into one decision.
+
+``combine`` is pure numpy so that evaluation applies exactly the rule that screening applies.
+
+Ensemble policies (the score is what ROC curves are drawn over; the decision is what gets flagged):
+
+- ``mean`` (default): score = mean of the networks' COVID probabilities; COVID when
+  score >= ensemble threshold.
+- ``majority``: score = fraction of networks whose own decision (probability >= its threshold) is
+  COVID; COVID when score >= ensemble threshold. With the default 0.5 a tie (2 of 4) counts as COVID,
+  favouring sensitivity as a screening tool should; 0.75 asks for 3 of 4.
+- ``any``: score = the highest probability of any network; COVID when any network's own decision is
+  COVID (the ensemble threshold is not used). Most sensitive, least specific.
+
+Disagreement is max - min of the networks' probabilities for the image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from deepcovid.bundle import POLICIES, Bundle, BundleError, load_bundle, load_networks
+from deepcovid.networks import COVID_INDEX
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from deepcovid.results import ImageResult
+    from deepcovid.settings import Settings
+
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available; ``cuda``/``cuda:N`` must exist; raises ValueError otherwise."""
+    import torch
+
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        try:
+            device = torch.device(name)
+        except RuntimeError as exc:
+            raise ValueError(f"invalid device {name!r}: {exc}") from exc
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but CUDA is not available here; use cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
+        return device
+    raise ValueError(f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class ScoreBatch:
+    """Per-image outcomes of one batch; every array has one entry per image."""
+
+    probabilities: dict[str, np.ndarray]
+    decisions: dict[str, np.ndarray]
+    ensemble_score: np.ndarray
+    ensemble_decision: np.ndarray
+    disagreement: np.ndarray
+    thresholds: dict[str, float]
+    policy: str = "mean"
+    architectures: tuple[str, ...] = field(default=())
+
+    def __len__(self) -> int:
+        return int(self.ensemble_score.shape[0])
+
+    def result_fields(self, index: int) -> dict[str, Any]:
+        """The score fields of ``deepcovid.results.ImageResult`` for image ``index`` (plain Python types)."""
+        return {
+            "probabilities": {arch: float(p[index]) for arch, p in self.probabilities.items()},
+            "decisions": {arch: bool(d[index]) for arch, d in self.decisions.items()},
+            "ensemble_score": float(self.ensemble_score[index]),
+            "ensemble_decision": bool(self.ensemble_decision[index]),
+            "disagreement": float(self.disagreement[index]),
+            "thresholds": dict(self.thresholds),
+        }
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [self.result_fields(i) for i in range(len(self))]
+
+    def to_result(self, index: int, uri: str, **extra: Any) -> ImageResult:
+        """A scored ``ImageResult`` for image ``index`` (``extra``: info, size)."""
+        from deepcovid.results import ImageResult
+
+        return ImageResult(uri=uri, status="scored", **self.result_fields(index), **extra)
+
+
+def combine(
+    probabilities: Mapping[str, np.ndarray],
+    thresholds: Mapping[str, float] | None = None,
+    policy: str = "mean",
+    ensemble_threshold: float = 0.5,
+) -> ScoreBatch:
+    """Per-network decisions and the ensemble score/decision from COVID probabilities (see module doc)."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown ensemble policy {policy!r}; expected one of {', '.join(POLICIES)}")
+    if not probabilities:
+        raise ValueError("combine needs the probabilities of at least one network")
+    architectures = tuple(probabilities)
+    probs = {arch: np.asarray(p, dtype=np.float64).reshape(-1) for arch, p in probabilities.items()}
+    lengths = {p.shape[0] for p in probs.values()}
+    if len(lengths) != 1:
+        raise ValueError(f"networks scored different numbers of images: {sorted(lengths)}")
+    given = dict(thresholds or {})
+    missing = [arch for arch in architectures if thresholds is not None and arch not in given]
+    if missing:
+        raise ValueError(f"no threshold for {', '.join(missing)}")
+    per_model = {arch: float(given.get(arch, 0.5)) for arch in architectures}
+
+    stacked = np.stack([probs[arch] for arch in architectures])  # [models, images]
+    decisions = {arch: probs[arch] >= per_model[arch] for arch in architectures}
+    votes = np.stack([decisions[arch] for arch in architectures])
+    if policy == "mean":
+        score = stacked.mean(axis=0)
+        decision = score >= ensemble_threshold
+    elif policy == "majority":
+        score = votes.mean(axis=0)
+        decision = score >= ensemble_threshold
+    else:  # any
+        score = stacked.max(axis=0)
+        decision = votes.any(axis=0)
+    return ScoreBatch(
+        probabilities=probs,
+        decisions=decisions,
+        ensemble_score=score,
+        ensemble_decision=decision,
+        disagreement=stacked.max(axis=0) - stacked.min(axis=0),
+        thresholds={**per_model, "ensemble": float(ensemble_threshold)},
+        policy=policy,
+        architectures=architectures,
+    )
+
+
+def _autocast_dtype(device: torch.device, precision: str, settings: Settings) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if precision == "bf16" else torch.float16
+    # CPU: fp32 unless bf16 is asked for (it measurably shifts probabilities; see tests).
+    if precision == "bf16" or (precision == "auto" and settings.cpu_bf16):
+        return torch.bfloat16
+    if precision == "fp16":
+        raise ValueError("fp16 is only supported on CUDA; use fp32 or bf16 on CPU")
+    return None
+
+
+class Ensemble:
+    """A bundle's networks loaded once onto one device, ready to score uint8 batches."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        networks: Mapping[str, nn.Module],
+        device: torch.device,
+        autocast_dtype: torch.dtype | None,
+    ) -> None:
+        self.bundle = bundle
+        self.networks = dict(networks)
+        self.device = device
+        self.autocast_dtype = autocast_dtype
+        self.architectures = tuple(self.networks)
+        self.thresholds = {arch: bundle.thresholds[arch] for arch in self.architectures}
+        self.policy = bundle.ensemble_policy
+        self.ensemble_threshold = bundle.ensemble_threshold
+
+    @property
+    def bundle_id(self) -> str:
+        return self.bundle.bundle_id
+
+    @property
+    def precision(self) -> str:
+        return "fp32" if self.autocast_dtype is None else str(self.autocast_dtype).removeprefix("torch.")
+
+    @classmethod
+    def from_bundle(
+        cls,
+        bundle: Bundle | str,
+        device: str = "auto",
+        precision: str = "auto",
+        *,
+        settings: Settings | None = None,
+    ) -> Ensemble:
+        """Load and verify the bundle, put its networks on ``device`` in eval mode, channels_last."""
+        import torch
+
+        from deepcovid.preprocess import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE
+
+        if settings is None:
+            from deepcovid.settings import get_settings
+
+            settings = get_settings()
+        if not isinstance(bundle, Bundle):
+            bundle = load_bundle(bundle)
+        _check_preprocessing(bundle, INPUT_SIZE, IMAGENET_MEAN, IMAGENET_STD)
+        if settings.torch_threads > 0:
+            torch.set_num_threads(settings.torch_threads)
+        target = resolve_device(device)
+        dtype = _autocast_dtype(target, precision, settings)
+        networks: dict[str, nn.Module] = {}
+        for arch, model in load_networks(bundle).items():
+            model = model.to(target, memory_format=torch.channels_last).eval()
+            model.requires_grad_(False)
+            if settings.compile and target.type == "cuda":
+                model = torch.compile(model)
+            networks[arch] = model
+        return cls(bundle, networks, target, dtype)
+
+    def _prepare(self, batch: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        from deepcovid.preprocess import normalize
+
+        if isinstance(batch, np.ndarray):
+            batch = torch.from_numpy(batch)
+        if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[1] != 3:
+            raise ValueError(f"expected a uint8 batch [B,3,H,W], got {batch.dtype} {tuple(batch.shape)}")
+        if self.device.type == "cuda" and batch.device.type == "cpu":
+            if not batch.is_pinned():
+                batch = batch.pin_memory()
+            batch = batch.to(self.device, non_blocking=True)
+        else:
+            batch = batch.to(self.device)
+        return normalize(batch)
+
+    def probabilities(self, batch: torch.Tensor) -> dict[str, np.ndarray]:
+        """Each network's COVID probability for every image of a uint8 ``[B,3,224,224]`` batch."""
+        import torch
+
+        if batch.shape[0] == 0:
+            return {arch: np.zeros(0, dtype=np.float64) for arch in self.architectures}
+        inputs = self._prepare(batch)
+        autocast = (
+            torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with torch.inference_mode():
+            outputs = []
+            with autocast:
+                for arch in self.architectures:
+                    outputs.append(self.networks[arch](inputs))
+            covid = torch.stack([torch.softmax(out.float(), dim=1)[:, COVID_INDEX] for out in outputs])
+            covid = covid.to("cpu", dtype=torch.float64).numpy()  # one device sync for all networks
+        return {arch: covid[i] for i, arch in enumerate(self.architectures)}
+
+    def score(self, batch: torch.Tensor) -> ScoreBatch:
+        """Probabilities, per-network decisions and the ensemble decision for one uint8 batch."""
+        return combine(self.probabilities(batch), self.thresholds, self.policy, self.ensemble_threshold)
+
+
+def _check_preprocessing(bundle: Bundle, input_size: int, mean: Any, std: Any) -> None:
+    """Refuse a bundle trained with inputs this build's preprocessing does not produce."""
+    manifest = bundle.manifest
+    norm = manifest.get("normalization", {})
+
+    def same(recorded: Any, used: Any) -> bool:
+        recorded, used = np.asarray(recorded, dtype=float), np.asarray(used, dtype=float)
+        return recorded.shape == used.shape and bool(np.allclose(recorded, used, atol=1e-6))
+
+    if (
+        int(manifest.get("input_size", -1)) != int(input_size)
+        or not same(norm.get("mean", []), mean)
+        or not same(norm.get("std", []), std)
+    ):
+        raise BundleError(
+            f"bundle {bundle.bundle_id} expects input size {manifest.get('input_size')} and normalisation "
+            f"{norm}; this build preprocesses to {input_size} with mean {list(mean)} and std {list(std)}"
+        )
