@@ -1,0 +1,152 @@
+"""Engines for the results database, tuned so several processes can write at once.
+
+SQLite (the default, a file in ``data_dir``) runs in WAL mode with a busy timeout and foreign keys on every
+connection; write transactions start with ``BEGIN IMMEDIATE`` so two writers queue on the lock instead
+of deadlocking on a read-to-write upgrade. PostgreSQL goes through psycopg 3.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Engine, make_url
+
+SQLITE_BUSY_TIMEOUT_S = 30.0
+# Execution option that marks a transaction as a writer (``BEGIN IMMEDIATE`` on SQLite).
+WRITE_OPTION = "deepcovid_write"
+
+_engines: dict[str, Engine] = {}
+_lock = threading.Lock()
+
+
+class SchemaNotCurrent(RuntimeError):
+    """The database schema is missing or older/newer than this code: migrations must run first."""
+
+
+def normalize_url(url: str | URL) -> URL:
+    """Send every PostgreSQL URL through psycopg 3, whatever driver (or none) it names."""
+    parsed = make_url(url)
+    backend = parsed.drivername.split("+", 1)[0]
+    if backend in ("postgresql", "postgres") and parsed.drivername != "postgresql+psycopg":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def make_engine(url: str | URL | None = None) -> Engine:
+    """The engine for ``url`` (default: Settings.effective_database_url), cached per URL in this process."""
+    if url is None:
+        from deepcovid.settings import get_settings
+
+        url = get_settings().effective_database_url
+    parsed = normalize_url(url)
+    key = parsed.render_as_string(hide_password=False)
+    with _lock:
+        engine = _engines.get(key)
+        if engine is None:
+            engine = _create_engine(parsed)
+            _engines[key] = engine
+        return engine
+
+
+def writer(engine: Engine) -> Engine:
+    """The same engine, marked so its transactions take the write lock up front on SQLite."""
+    return engine.execution_options(**{WRITE_OPTION: True})
+
+
+def dispose_engines() -> None:
+    """Close every cached engine's pool (tests, and before dropping a database)."""
+    with _lock:
+        engines = list(_engines.values())
+        _engines.clear()
+    for engine in engines:
+        engine.dispose()
+
+
+def _create_engine(url: URL) -> Engine:
+    if url.get_backend_name() == "sqlite":
+        return _create_sqlite_engine(url)
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.get_backend_name() == "postgresql":
+        kwargs["connect_args"] = {"application_name": "deepcovid"}
+    return sa.create_engine(url, **kwargs)
+
+
+def _create_sqlite_engine(url: URL) -> Engine:
+    database = url.database or ""
+    if database and database != ":memory:" and not database.startswith("file:"):
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event emit BEGIN instead of pysqlite's implicit, deferred one.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: sa.Connection) -> None:
+        mode = "IMMEDIATE" if connection.get_execution_options().get(WRITE_OPTION) else "DEFERRED"
+        connection.exec_driver_sql(f"BEGIN {mode}")
+
+    return engine
+
+
+def _after_fork_in_child() -> None:
+    # Pooled connections belong to the parent: forget them without closing the shared sockets.
+    for engine in list(_engines.values()):
+        engine.dispose(close=False)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def ensure_schema_current(engine: Engine) -> None:
+    """Raise SchemaNotCurrent unless the database is at the newest migration this code ships."""
+    from alembic.runtime.migration import MigrationContext
+
+    from db.migrate import head_revisions, known_revisions
+
+    heads = head_revisions()
+    try:
+        with engine.connect() as connection:
+            current = set(MigrationContext.configure(connection).get_current_heads())
+    except sa.exc.OperationalError as exc:
+        raise SchemaNotCurrent(
+            f"cannot read the schema version of {describe(engine)}: {exc.orig}; "
+            "check DEEPCOVID_DATABASE_URL, then run `deepcovid db upgrade`"
+        ) from exc
+    if current == heads:
+        return
+    if not current:
+        raise SchemaNotCurrent(
+            f"the database {describe(engine)} has no schema yet: run `deepcovid db upgrade`"
+        )
+    found = ", ".join(sorted(current))
+    wanted = ", ".join(sorted(heads))
+    if current - known_revisions():
+        raise SchemaNotCurrent(
+            f"the database {describe(engine)} is at schema revision {found}, newer than this code "
+            f"({wanted}): upgrade deepcovid on this machine, or run `deepcovid db upgrade` with the newer one"
+        )
+    raise SchemaNotCurrent(
+        f"the database {describe(engine)} is at schema revision {found}, this code needs {wanted}: "
+        "run `deepcovid db upgrade`"
+    )
+
+
+def describe(engine: Engine) -> str:
+    """The engine's URL with any password hidden, for messages."""
+    return engine.url.render_as_string(hide_password=True)

@@ -1,0 +1,164 @@
+"""The results database schema: scan jobs, images, predictions and the bundle registry.
+
+Types are portable (JSON, string-backed enums, partial unique index declared for both dialects) so the
+same models and migrations serve the embedded SQLite file and production PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# The four networks of the ensemble; per-model columns are named <arch>_probability / <arch>_decision.
+MODEL_ARCHITECTURES: tuple[str, ...] = ("resnet18", "resnet50", "squeezenet1_1", "densenet121")
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# BIGINT on PostgreSQL; SQLite only auto-increments an INTEGER PRIMARY KEY.
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes (stored as UTC); make every timestamp aware."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=timezone.utc)
+
+
+class JobState(str, enum.Enum):
+    running = "running"
+    finished = "finished"
+    cancelled = "cancelled"
+
+
+class ImageState(str, enum.Enum):
+    queued = "queued"
+    scored = "scored"
+    failed = "failed"
+    skipped = "skipped"
+
+
+def _enum(cls: type[enum.Enum], name: str) -> sa.Enum:
+    return sa.Enum(
+        cls,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=16,
+        values_callable=lambda members: [m.value for m in members],
+        validate_strings=True,
+    )
+
+
+class Base(DeclarativeBase):
+    metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {
+        dict[str, Any]: sa.JSON(),
+        datetime: sa.DateTime(timezone=True),
+        float: sa.Double(),
+    }
+
+
+class ScanJob(Base):
+    """One run of the screener over a source (a directory or an s3:// prefix) with one bundle."""
+
+    __tablename__ = "scan_jobs"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    source: Mapped[str] = mapped_column(sa.Text)
+    bundle_id: Mapped[str] = mapped_column(sa.String(128))
+    options: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    state: Mapped[JobState] = mapped_column(_enum(JobState, "job_state"), default=JobState.running)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+
+class Image(Base):
+    """One image URI and where it stands; its scores live in ``predictions`` (one row per bundle)."""
+
+    __tablename__ = "images"
+    __table_args__ = (sa.Index(None, "last_job_id", "state"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    uri: Mapped[str] = mapped_column(sa.Text, unique=True)
+    storage: Mapped[str] = mapped_column(sa.String(8))  # "file" or "s3"
+    size: Mapped[int | None] = mapped_column(sa.BigInteger)
+    mtime: Mapped[datetime | None]
+    etag: Mapped[str | None] = mapped_column(sa.String(128))
+    sha256: Mapped[str | None] = mapped_column(sa.String(64))
+    study_uid: Mapped[str | None] = mapped_column(sa.String(64))
+    series_uid: Mapped[str | None] = mapped_column(sa.String(64))
+    sop_uid: Mapped[str | None] = mapped_column(sa.String(64))
+    view: Mapped[str | None] = mapped_column(sa.String(16))
+    state: Mapped[ImageState] = mapped_column(_enum(ImageState, "image_state"), default=ImageState.queued)
+    failure_reason: Mapped[str | None] = mapped_column(sa.String(64))
+    failure_detail: Mapped[str | None] = mapped_column(sa.Text)
+    attempt_count: Mapped[int] = mapped_column(default=0)
+    last_job_id: Mapped[int | None] = mapped_column(BigId, sa.ForeignKey("scan_jobs.id", ondelete="SET NULL"))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Prediction(Base):
+    """One image scored by one bundle. Unique on (image, bundle) so a redelivered chunk never duplicates."""
+
+    __tablename__ = "predictions"
+    # No index on job_id: nothing looks predictions up by job, and each index costs every write.
+    __table_args__ = (sa.UniqueConstraint("image_id", "bundle_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    image_id: Mapped[int] = mapped_column(BigId, sa.ForeignKey("images.id", ondelete="CASCADE"))
+    bundle_id: Mapped[str] = mapped_column(sa.String(128))
+    job_id: Mapped[int | None] = mapped_column(BigId, sa.ForeignKey("scan_jobs.id", ondelete="SET NULL"))
+
+    resnet18_probability: Mapped[float | None]
+    resnet18_decision: Mapped[bool | None]
+    resnet50_probability: Mapped[float | None]
+    resnet50_decision: Mapped[bool | None]
+    squeezenet1_1_probability: Mapped[float | None]
+    squeezenet1_1_decision: Mapped[bool | None]
+    densenet121_probability: Mapped[float | None]
+    densenet121_decision: Mapped[bool | None]
+
+    ensemble_score: Mapped[float | None]
+    ensemble_decision: Mapped[bool | None]
+    disagreement: Mapped[float | None]
+    thresholds: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    scored_at: Mapped[datetime] = mapped_column(default=utcnow)
+    worker_host: Mapped[str | None] = mapped_column(sa.String(255))
+    device: Mapped[str | None] = mapped_column(sa.String(64))
+
+
+class BundleRecord(Base):
+    """A registered model bundle; exactly one may be active (a partial unique index enforces it)."""
+
+    __tablename__ = "bundles"
+    __table_args__ = (
+        sa.Index(
+            "uq_bundles_one_active",
+            "active",
+            unique=True,
+            sqlite_where=sa.text("active = 1"),
+            postgresql_where=sa.text("active"),
+        ),
+    )
+
+    bundle_id: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
+    manifest: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    path: Mapped[str] = mapped_column(sa.Text)
+    metrics: Mapped[dict[str, Any] | None]
+    registered_at: Mapped[datetime] = mapped_column(default=utcnow)
+    active: Mapped[bool] = mapped_column(default=False)

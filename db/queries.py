@@ -1,0 +1,384 @@
+"""Read side of the results database: job progress, flagged images, streamed exports, per-image audit.
+
+A job's images are those whose ``last_job_id`` is the job; their result is the prediction made by the
+job's bundle. Exports stream rows with a server-side cursor so memory stays flat for millions of images.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal, TextIO
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from db.models import MODEL_ARCHITECTURES, Image, ImageState, JobState, Prediction, ScanJob, as_utc, utcnow
+
+images = Image.__table__
+predictions = Prediction.__table__
+scan_jobs = ScanJob.__table__
+
+RATE_WINDOW_S = 60.0
+STREAM_BATCH = 1000
+
+# Columns of iter_results rows and of exports, in order, and where each comes from.
+_RESULT_COLUMNS: dict[str, sa.ColumnElement[Any]] = {
+    "uri": images.c.uri,
+    "status": images.c.state,
+    "reason": images.c.failure_reason,
+    "detail": images.c.failure_detail,
+    "ensemble_score": predictions.c.ensemble_score,
+    "ensemble_decision": predictions.c.ensemble_decision,
+    "disagreement": predictions.c.disagreement,
+    **{
+        f"{arch}_{kind}": predictions.c[f"{arch}_{kind}"]
+        for arch in MODEL_ARCHITECTURES
+        for kind in ("probability", "decision")
+    },
+    "study_uid": images.c.study_uid,
+    "series_uid": images.c.series_uid,
+    "sop_uid": images.c.sop_uid,
+    "view": images.c.view,
+    "size": images.c.size,
+    "attempts": images.c.attempt_count,
+    "bundle_id": predictions.c.bundle_id,
+    "scored_at": predictions.c.scored_at,
+    "worker_host": predictions.c.worker_host,
+    "device": predictions.c.device,
+}
+RESULT_FIELDS: tuple[str, ...] = tuple(_RESULT_COLUMNS)
+
+
+class UnknownJob(LookupError):
+    """No scan job has this id."""
+
+
+@dataclass
+class JobProgress:
+    """Where a scan job stands: counts by image state, failures by reason, flagged, speed and ETA."""
+
+    job_id: int
+    source: str
+    bundle_id: str
+    options: dict[str, Any]
+    state: JobState
+    created_at: datetime
+    finished_at: datetime | None
+    total: int = 0
+    counts: dict[str, int] = field(default_factory=dict)  # every ImageState value, zeros included
+    failed_by_reason: dict[str, int] = field(default_factory=dict)
+    flagged: int = 0
+    rate_per_s: float = 0.0  # images finished per second over the last minute
+    eta_s: float | None = None  # queued / rate; None while nothing has finished recently
+
+    @property
+    def queued(self) -> int:
+        return self.counts.get(ImageState.queued.value, 0)
+
+    @property
+    def scored(self) -> int:
+        return self.counts.get(ImageState.scored.value, 0)
+
+    @property
+    def failed(self) -> int:
+        return self.counts.get(ImageState.failed.value, 0)
+
+    @property
+    def skipped(self) -> int:
+        return self.counts.get(ImageState.skipped.value, 0)
+
+    @property
+    def done(self) -> int:
+        return self.total - self.queued
+
+
+@dataclass
+class FlaggedImage:
+    """An image the ensemble called COVID-positive, with what each network said."""
+
+    uri: str
+    ensemble_score: float | None
+    probabilities: dict[str, float | None]
+    disagreement: float | None
+    study_uid: str | None
+    series_uid: str | None
+    sop_uid: str | None
+    view: str | None
+
+
+@dataclass
+class PredictionRecord:
+    """One bundle's verdict on an image and where it was produced."""
+
+    bundle_id: str
+    job_id: int | None
+    scored_at: datetime | None
+    worker_host: str | None
+    device: str | None
+    ensemble_score: float | None
+    ensemble_decision: bool | None
+    probabilities: dict[str, float | None]
+
+
+@dataclass
+class ImageAudit:
+    """Everything recorded about one image: state, attempts, failure, and every bundle's prediction."""
+
+    uri: str
+    storage: str
+    state: ImageState
+    attempts: int
+    failure_reason: str | None
+    failure_detail: str | None
+    last_job_id: int | None
+    updated_at: datetime | None
+    size: int | None
+    study_uid: str | None
+    series_uid: str | None
+    sop_uid: str | None
+    view: str | None
+    predictions: list[PredictionRecord]
+
+
+def job_progress(engine: Engine, job_id: int) -> JobProgress:
+    """Progress of one job; raises UnknownJob."""
+    with engine.connect() as conn:
+        job = conn.execute(sa.select(scan_jobs).where(scan_jobs.c.id == job_id)).one_or_none()
+        if job is None:
+            raise UnknownJob(f"no scan job {job_id}")
+        return _progress(conn, job)
+
+
+def list_jobs(engine: Engine, limit: int | None = None) -> list[JobProgress]:
+    """Every job's progress, newest first."""
+    with engine.connect() as conn:
+        stmt = sa.select(scan_jobs).order_by(scan_jobs.c.id.desc())
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        return [_progress(conn, job) for job in conn.execute(stmt).all()]
+
+
+def _progress(conn: Connection, job: sa.Row[Any]) -> JobProgress:
+    progress = JobProgress(
+        job_id=job.id,
+        source=job.source,
+        bundle_id=job.bundle_id,
+        options=job.options or {},
+        state=JobState(job.state),
+        created_at=as_utc(job.created_at),
+        finished_at=as_utc(job.finished_at),
+    )
+    of_job = images.c.last_job_id == job.id
+    counts = {state.value: 0 for state in ImageState}
+    for state, count in conn.execute(
+        sa.select(images.c.state, sa.func.count()).where(of_job).group_by(images.c.state)
+    ):
+        counts[ImageState(state).value] = count
+    progress.counts = counts
+    progress.total = sum(counts.values())
+    progress.failed_by_reason = {
+        reason or "unknown": count
+        for reason, count in conn.execute(
+            sa.select(images.c.failure_reason, sa.func.count())
+            .where(of_job, images.c.state == ImageState.failed)
+            .group_by(images.c.failure_reason)
+            .order_by(sa.func.count().desc())
+        )
+    }
+    progress.flagged = conn.execute(
+        sa.select(sa.func.count())
+        .select_from(images.join(predictions, predictions.c.image_id == images.c.id))
+        .where(
+            of_job,
+            images.c.state == ImageState.scored,
+            predictions.c.bundle_id == job.bundle_id,
+            predictions.c.ensemble_decision.is_(True),
+        )
+    ).scalar_one()
+
+    now = utcnow()
+    recent = conn.execute(
+        sa.select(sa.func.count()).where(
+            of_job,
+            images.c.state.in_([ImageState.scored, ImageState.failed]),
+            images.c.updated_at >= now - timedelta(seconds=RATE_WINDOW_S),
+        )
+    ).scalar_one()
+    end = progress.finished_at or now
+    window = min(RATE_WINDOW_S, max((end - progress.created_at).total_seconds(), 1.0))
+    progress.rate_per_s = recent / window if progress.finished_at is None else 0.0
+    if progress.queued and progress.rate_per_s > 0:
+        progress.eta_s = progress.queued / progress.rate_per_s
+    elif not progress.queued:
+        progress.eta_s = 0.0
+    return progress
+
+
+def _job_bundle(conn: Connection, job_id: int) -> str:
+    bundle_id = conn.execute(sa.select(scan_jobs.c.bundle_id).where(scan_jobs.c.id == job_id)).scalar()
+    if bundle_id is None:
+        raise UnknownJob(f"no scan job {job_id}")
+    return bundle_id
+
+
+def _probabilities(row: Any) -> dict[str, float | None]:
+    return {arch: getattr(row, f"{arch}_probability") for arch in MODEL_ARCHITECTURES}
+
+
+def flagged_images(engine: Engine, job_id: int, limit: int | None = None) -> list[FlaggedImage]:
+    """The job's images the ensemble flagged, highest ensemble score first."""
+    with engine.connect() as conn:
+        bundle_id = _job_bundle(conn, job_id)
+        stmt = (
+            sa.select(
+                images.c.uri,
+                images.c.study_uid,
+                images.c.series_uid,
+                images.c.sop_uid,
+                images.c.view,
+                predictions,
+            )
+            .select_from(images.join(predictions, predictions.c.image_id == images.c.id))
+            .where(
+                images.c.last_job_id == job_id,
+                images.c.state == ImageState.scored,
+                predictions.c.bundle_id == bundle_id,
+                predictions.c.ensemble_decision.is_(True),
+            )
+            .order_by(predictions.c.ensemble_score.desc(), images.c.uri)
+        )
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        return [
+            FlaggedImage(
+                uri=row.uri,
+                ensemble_score=row.ensemble_score,
+                probabilities=_probabilities(row),
+                disagreement=row.disagreement,
+                study_uid=row.study_uid,
+                series_uid=row.series_uid,
+                sop_uid=row.sop_uid,
+                view=row.view,
+            )
+            for row in conn.execute(stmt)
+        ]
+
+
+def iter_results(
+    engine: Engine, job_id: int, flagged_only: bool = False, *, batch_size: int = STREAM_BATCH
+) -> Iterator[dict[str, Any]]:
+    """Every image of the job (scored, failed, queued, skipped) as a dict keyed by RESULT_FIELDS.
+
+    Streams: rows come from a server-side cursor ``batch_size`` at a time, so memory does not grow
+    with the job. Keep the iterator short-lived: it holds a connection until exhausted or closed.
+    """
+    with engine.connect() as conn:
+        bundle_id = _job_bundle(conn, job_id)
+        joined = images.outerjoin(
+            predictions,
+            sa.and_(predictions.c.image_id == images.c.id, predictions.c.bundle_id == bundle_id),
+        )
+        stmt = (
+            sa.select(*(column.label(name) for name, column in _RESULT_COLUMNS.items()))
+            .select_from(joined)
+            .where(images.c.last_job_id == job_id)
+            .order_by(images.c.id)
+        )
+        if flagged_only:
+            stmt = stmt.where(images.c.state == ImageState.scored, predictions.c.ensemble_decision.is_(True))
+        result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(stmt)
+        for row in result:
+            out = dict(zip(RESULT_FIELDS, row, strict=True))
+            out["status"] = out["status"].value
+            if out["scored_at"] is not None:
+                out["scored_at"] = as_utc(out["scored_at"])
+            yield out
+
+
+def export_results(
+    engine: Engine,
+    job_id: int,
+    out: TextIO,
+    fmt: Literal["csv", "jsonl"] = "csv",
+    flagged_only: bool = False,
+    *,
+    batch_size: int = STREAM_BATCH,
+) -> int:
+    """Write the job's results to ``out`` as CSV (with a header) or JSON lines; returns the row count."""
+    if fmt not in ("csv", "jsonl"):
+        raise ValueError(f"unknown export format {fmt!r}: use csv or jsonl")
+    count = 0
+    rows = iter_results(engine, job_id, flagged_only=flagged_only, batch_size=batch_size)
+    if fmt == "csv":
+        writer = csv.writer(out)
+        writer.writerow(RESULT_FIELDS)
+        for row in rows:
+            writer.writerow([_csv_value(row[name]) for name in RESULT_FIELDS])
+            count += 1
+    else:
+        for row in rows:
+            out.write(json.dumps(row, default=_json_value, separators=(",", ":")))
+            out.write("\n")
+            count += 1
+    return count
+
+
+def _csv_value(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"cannot export {type(value).__name__}")
+
+
+def image_audit(engine: Engine, uri: str) -> ImageAudit | None:
+    """What the database knows about one image (None when it was never registered)."""
+    with engine.connect() as conn:
+        image = conn.execute(sa.select(images).where(images.c.uri == uri)).one_or_none()
+        if image is None:
+            return None
+        records = [
+            PredictionRecord(
+                bundle_id=row.bundle_id,
+                job_id=row.job_id,
+                scored_at=as_utc(row.scored_at),
+                worker_host=row.worker_host,
+                device=row.device,
+                ensemble_score=row.ensemble_score,
+                ensemble_decision=row.ensemble_decision,
+                probabilities=_probabilities(row),
+            )
+            for row in conn.execute(
+                sa.select(predictions)
+                .where(predictions.c.image_id == image.id)
+                .order_by(predictions.c.scored_at.desc())
+            )
+        ]
+    return ImageAudit(
+        uri=image.uri,
+        storage=image.storage,
+        state=ImageState(image.state),
+        attempts=image.attempt_count,
+        failure_reason=image.failure_reason,
+        failure_detail=image.failure_detail,
+        last_job_id=image.last_job_id,
+        updated_at=as_utc(image.updated_at),
+        size=image.size,
+        study_uid=image.study_uid,
+        series_uid=image.series_uid,
+        sop_uid=image.sop_uid,
+        view=image.view,
+        predictions=records,
+    )

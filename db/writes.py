@@ -1,0 +1,502 @@
+"""Bulk, set-based writes: registering an archive's images and storing scored chunks.
+
+Everything here is written for throughput (multi-row INSERT ... ON CONFLICT ... RETURNING in batches) and
+for redelivery: writing the same chunk twice leaves the same rows, so a Celery task that runs again after
+a worker died can never duplicate a result.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from functools import cache, lru_cache
+from itertools import islice
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from db.engine import writer
+from db.models import MODEL_ARCHITECTURES, Image, ImageState, JobState, Prediction, ScanJob, utcnow
+from deepcovid.errors import REASONS
+from deepcovid.results import ImageResult
+
+# Rows per transaction when registering a listing: big enough for speed, small enough that SQLite's
+# write lock is released often for the workers writing results meanwhile.
+REGISTER_BATCH = 5000
+# Rows per statement for UPDATE ... WHERE uri IN (...).
+IN_BATCH = 1000
+
+images = Image.__table__
+predictions = Prediction.__table__
+scan_jobs = ScanJob.__table__
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One listed image: its URI and what storage said about it (used to notice changed files)."""
+
+    uri: str
+    storage: str | None = None  # "file" or "s3"; derived from the URI when left out
+    size: int | None = None
+    mtime: datetime | None = None
+    etag: str | None = None
+
+
+def storage_kind(uri: str) -> str:
+    return "s3" if uri.startswith("s3://") else "file"
+
+
+def create_job(engine: Engine, *, source: str, bundle_id: str, options: dict[str, Any] | None = None) -> int:
+    """Start a scan job; its images are attached by register_images."""
+    with writer(engine).begin() as conn:
+        return conn.execute(
+            sa.insert(scan_jobs)
+            .values(
+                source=source,
+                bundle_id=bundle_id,
+                options=options or {},
+                state=JobState.running,
+                created_at=utcnow(),
+            )
+            .returning(scan_jobs.c.id)
+        ).scalar_one()
+
+
+def register_images(
+    engine: Engine,
+    job_id: int,
+    bundle_id: str,
+    refs: Iterable[ImageRef],
+    *,
+    rescore: bool = False,
+    batch_size: int = REGISTER_BATCH,
+) -> list[str]:
+    """Attach listed images to a job and return the URIs that need scoring, in listing order.
+
+    Every image gets ``last_job_id = job_id`` and fresh size/mtime/ETag. Images that already have a
+    prediction from ``bundle_id`` keep their state and are not returned (unless ``rescore``); the rest
+    go back to ``queued`` with their attempt count reset.
+    """
+    to_enqueue: list[str] = []
+    for batch in _batched(refs, batch_size):
+        with writer(engine).begin() as conn:
+            to_enqueue.extend(_register_batch(conn, job_id, bundle_id, batch, rescore=rescore))
+    return to_enqueue
+
+
+def _register_batch(
+    conn: Connection, job_id: int, bundle_id: str, refs: Sequence[ImageRef], *, rescore: bool
+) -> list[str]:
+    now = utcnow()
+    rows: dict[str, dict[str, Any]] = {}
+    for ref in refs:  # one row per URI: ON CONFLICT cannot touch the same row twice in one statement
+        rows[ref.uri] = {
+            "uri": ref.uri,
+            "storage": ref.storage or storage_kind(ref.uri),
+            "size": ref.size,
+            "mtime": ref.mtime,
+            "etag": ref.etag,
+            "state": ImageState.queued,
+            "attempt_count": 0,
+            "last_job_id": job_id,
+            "updated_at": now,
+        }
+    # Which of these already have this bundle's prediction: index lookups, so the cost does not grow with
+    # the number of predictions stored (a correlated NOT EXISTS inside the upsert got hashed over all).
+    scored = set() if rescore else _already_scored(conn, list(rows), bundle_id)
+    requeued = [row for uri, row in rows.items() if uri not in scored]
+    kept = [row for uri, row in rows.items() if uri in scored]
+    if requeued:
+        _execute_rows(conn, _register_statement(conn.dialect.name, requeue=True), requeued)
+    if kept:
+        _execute_rows(conn, _register_statement(conn.dialect.name, requeue=False), kept)
+    return [row["uri"] for row in requeued]
+
+
+def _already_scored(conn: Connection, uris: list[str], bundle_id: str) -> set[str]:
+    found: set[str] = set()
+    for batch in _batched(uris, REGISTER_BATCH):
+        stmt = (
+            sa.select(images.c.uri)
+            .select_from(images.join(predictions, predictions.c.image_id == images.c.id))
+            .where(predictions.c.bundle_id == bundle_id, _uri_in(conn, batch))
+        )
+        found.update(conn.execute(stmt).scalars())
+    return found
+
+
+def _uri_in(conn: Connection, uris: list[str]) -> sa.ColumnElement[bool]:
+    """``images.uri IN (...)``; on PostgreSQL one array parameter (``= ANY``) rather than thousands."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import ARRAY
+
+        return images.c.uri == sa.any_(sa.bindparam("uris", value=uris, type_=ARRAY(sa.Text)))
+    return images.c.uri.in_(uris)
+
+
+_REGISTER_COLUMNS = (
+    "uri",
+    "storage",
+    "size",
+    "mtime",
+    "etag",
+    "state",
+    "attempt_count",
+    "last_job_id",
+    "updated_at",
+)
+
+
+@cache
+def _register_statement(dialect: str, *, requeue: bool) -> Any:
+    """Upsert listed images; ``requeue`` also puts existing ones back in the queue with no attempts."""
+    stmt = _insert_rows_statement(dialect, images, _REGISTER_COLUMNS)
+    excluded = stmt.excluded
+    updated: dict[str, Any] = {
+        "storage": excluded.storage,
+        "size": excluded.size,
+        "mtime": excluded.mtime,
+        "etag": excluded.etag,
+        "last_job_id": excluded.last_job_id,
+    }
+    if requeue:
+        updated |= {
+            "state": excluded.state,
+            "attempt_count": excluded.attempt_count,
+            "failure_reason": None,
+            "failure_detail": None,
+            "updated_at": excluded.updated_at,
+        }
+    return stmt.on_conflict_do_update(index_elements=[images.c.uri], set_=updated)
+
+
+def record_attempts(engine: Engine, uris: Sequence[str]) -> dict[str, int]:
+    """Count one more delivery of these images; the worker fails an image that keeps killing workers."""
+    counts: dict[str, int] = {}
+    with writer(engine).begin() as conn:
+        for batch in _batched(dict.fromkeys(uris), IN_BATCH):
+            stmt = (
+                sa.update(images)
+                .where(_uri_in(conn, batch))
+                .values(attempt_count=images.c.attempt_count + 1)
+                .returning(images.c.uri, images.c.attempt_count)
+            )
+            counts.update({uri: count for uri, count in conn.execute(stmt)})
+    return counts
+
+
+def write_results(
+    engine: Engine,
+    *,
+    job_id: int,
+    bundle_id: str,
+    results: Sequence[ImageResult],
+    worker_host: str | None,
+    device: str | None,
+) -> None:
+    """Store one scored chunk in one transaction: predictions upserted on (image, bundle), image states.
+
+    Idempotent: the same chunk written twice leaves the same rows. Unknown URIs are created. An image
+    that has since been attached to another job keeps that job's state (its prediction is still kept).
+    """
+    if not results:
+        return
+    now = utcnow()
+    by_uri = {result.uri: result for result in results}
+    image_rows = [_image_row(result, job_id, now) for result in by_uri.values()]
+    with writer(engine).begin() as conn:
+        dialect = conn.dialect.name
+        found = _execute_rows(conn, _result_images_statement(dialect, job_id), image_rows)
+        ids = dict(found.all())
+        prediction_rows = [
+            _prediction_row(result, ids[result.uri], job_id, bundle_id, worker_host, device, now)
+            for result in by_uri.values()
+            if result.status == "scored"
+        ]
+        if prediction_rows:
+            _execute_rows(conn, _predictions_statement(dialect), prediction_rows)
+
+
+_RESULT_IMAGE_COLUMNS = (
+    "uri",
+    "storage",
+    "size",
+    "state",
+    "failure_reason",
+    "failure_detail",
+    "attempt_count",
+    "last_job_id",
+    "updated_at",
+    "study_uid",
+    "series_uid",
+    "sop_uid",
+    "view",
+)
+_PREDICTION_COLUMNS = (
+    "image_id",
+    "bundle_id",
+    "job_id",
+    *(f"{arch}_{kind}" for arch in MODEL_ARCHITECTURES for kind in ("probability", "decision")),
+    "ensemble_score",
+    "ensemble_decision",
+    "disagreement",
+    "thresholds",
+    "scored_at",
+    "worker_host",
+    "device",
+)
+
+
+@lru_cache(maxsize=64)
+def _result_images_statement(dialect: str, job_id: int) -> Any:
+    stmt = _insert_rows_statement(dialect, images, _RESULT_IMAGE_COLUMNS)
+    excluded = stmt.excluded
+    ours = sa.or_(
+        images.c.last_job_id.is_(None),
+        images.c.last_job_id == sa.bindparam("p_job_id", value=job_id, type_=images.c.last_job_id.type),
+    )
+
+    def if_ours(column: str) -> sa.Case[Any]:
+        return sa.case((ours, excluded[column]), else_=images.c[column])
+
+    def known(column: str) -> sa.ColumnElement[Any]:
+        return sa.func.coalesce(excluded[column], images.c[column])
+
+    return stmt.on_conflict_do_update(
+        index_elements=[images.c.uri],
+        set_={
+            "state": if_ours("state"),
+            "failure_reason": if_ours("failure_reason"),
+            "failure_detail": if_ours("failure_detail"),
+            "updated_at": if_ours("updated_at"),
+            **{column: known(column) for column in ("size", "study_uid", "series_uid", "sop_uid", "view")},
+        },
+    ).returning(images.c.uri, images.c.id)
+
+
+@cache
+def _predictions_statement(dialect: str) -> Any:
+    stmt = _insert_rows_statement(dialect, predictions, _PREDICTION_COLUMNS)
+    updated = {
+        name: stmt.excluded[name] for name in _PREDICTION_COLUMNS if name not in ("image_id", "bundle_id")
+    }
+    return stmt.on_conflict_do_update(
+        index_elements=[predictions.c.image_id, predictions.c.bundle_id], set_=updated
+    )
+
+
+def _image_row(result: ImageResult, job_id: int, now: datetime) -> dict[str, Any]:
+    scored = result.status == "scored"
+    row: dict[str, Any] = {
+        "uri": result.uri,
+        "storage": storage_kind(result.uri),
+        "size": result.size,
+        "state": ImageState.scored if scored else ImageState.failed,
+        "failure_reason": None if scored else (result.reason or "internal_error"),
+        "failure_detail": None if scored else (result.detail or None),
+        "attempt_count": 0,
+        "last_job_id": job_id,
+        "updated_at": now,
+    }
+    row.update(dicom_fields(result.info))
+    return row
+
+
+# Where decoders may put the DICOM identifiers we keep (never patient identity).
+_DICOM_KEYS: dict[str, tuple[str, ...]] = {
+    "study_uid": ("study_uid", "study_instance_uid", "StudyInstanceUID"),
+    "series_uid": ("series_uid", "series_instance_uid", "SeriesInstanceUID"),
+    "sop_uid": ("sop_uid", "sop_instance_uid", "SOPInstanceUID"),
+    "view": ("view", "view_position", "ViewPosition"),
+}
+_ANY_DICOM_KEY = frozenset(key for keys in _DICOM_KEYS.values() for key in keys)
+_DICOM_LENGTHS = {"study_uid": 64, "series_uid": 64, "sop_uid": 64, "view": 16}
+
+
+def dicom_fields(info: dict[str, Any] | None) -> dict[str, str | None]:
+    """Study/series/SOP instance UIDs and view position from a result's decoder info, when present."""
+    info = info or {}
+    sources = [info]
+    if isinstance(info.get("dicom"), dict):
+        sources.insert(0, info["dicom"])
+    elif not _ANY_DICOM_KEY.intersection(info):
+        return dict.fromkeys(_DICOM_KEYS)
+    out: dict[str, str | None] = {}
+    for column, keys in _DICOM_KEYS.items():
+        value = next((src[k] for src in sources for k in keys if src.get(k)), None)
+        out[column] = str(value)[: _DICOM_LENGTHS[column]] if value is not None else None
+    return out
+
+
+def _prediction_row(
+    result: ImageResult,
+    image_id: int,
+    job_id: int,
+    bundle_id: str,
+    worker_host: str | None,
+    device: str | None,
+    now: datetime,
+) -> dict[str, Any]:
+    row: dict[str, Any] = {"image_id": image_id, "bundle_id": bundle_id, "job_id": job_id}
+    for arch in MODEL_ARCHITECTURES:
+        row[f"{arch}_probability"] = _float(result.probabilities.get(arch))
+        decision = result.decisions.get(arch)
+        row[f"{arch}_decision"] = None if decision is None else bool(decision)
+    row["ensemble_score"] = _float(result.ensemble_score)
+    row["ensemble_decision"] = None if result.ensemble_decision is None else bool(result.ensemble_decision)
+    row["disagreement"] = _float(result.disagreement)
+    row["thresholds"] = {str(k): float(v) for k, v in (result.thresholds or {}).items()}
+    row["scored_at"] = now
+    row["worker_host"] = worker_host
+    row["device"] = device
+    return row
+
+
+def _float(value: Any) -> float | None:
+    """numpy scalars to plain floats (drivers do not adapt them); NaN stored as NULL."""
+    if value is None:
+        return None
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def finish_job_if_done(engine: Engine, job_id: int) -> bool:
+    """Mark a running job finished once none of its images is queued; True when the job is finished."""
+    with writer(engine).begin() as conn:
+        conn.execute(
+            sa.update(scan_jobs)
+            .where(
+                scan_jobs.c.id == job_id,
+                scan_jobs.c.state == JobState.running,
+                ~sa.exists().where(images.c.last_job_id == job_id, images.c.state == ImageState.queued),
+            )
+            .values(state=JobState.finished, finished_at=utcnow())
+        )
+        state = conn.execute(
+            sa.select(scan_jobs.c.state).where(scan_jobs.c.id == job_id)
+        ).scalar_one_or_none()
+    return state == JobState.finished
+
+
+def requeue_failed(engine: Engine, job_id: int, reason: str | None = None) -> list[str]:
+    """Put a job's failed images (optionally only those failed for ``reason``) back in the queue."""
+    with writer(engine).begin() as conn:
+        stmt = (
+            sa.update(images)
+            .where(images.c.last_job_id == job_id, images.c.state == ImageState.failed)
+            .values(
+                state=ImageState.queued,
+                attempt_count=0,
+                failure_reason=None,
+                failure_detail=None,
+                updated_at=utcnow(),
+            )
+            .returning(images.c.id, images.c.uri)
+        )
+        if reason is not None:
+            stmt = stmt.where(images.c.failure_reason == reason)
+        rows = sorted(conn.execute(stmt).all())
+        if rows:
+            conn.execute(
+                sa.update(scan_jobs)
+                .where(scan_jobs.c.id == job_id)
+                .values(state=JobState.running, finished_at=None)
+            )
+    return [uri for _id, uri in rows]
+
+
+def mark_failed(engine: Engine, job_id: int, uris: Sequence[str], reason: str, detail: str = "") -> list[str]:
+    """Fail a job's still-queued images (e.g. ``crashed_worker``); returns the URIs it changed."""
+    if reason not in REASONS:
+        raise ValueError(f"unknown failure reason {reason!r}")
+    changed: list[str] = []
+    with writer(engine).begin() as conn:
+        for batch in _batched(dict.fromkeys(uris), IN_BATCH):
+            stmt = (
+                sa.update(images)
+                .where(
+                    _uri_in(conn, batch),
+                    images.c.state == ImageState.queued,
+                    sa.or_(images.c.last_job_id.is_(None), images.c.last_job_id == job_id),
+                )
+                .values(
+                    state=ImageState.failed,
+                    failure_reason=reason,
+                    failure_detail=detail or REASONS[reason],
+                    updated_at=utcnow(),
+                )
+                .returning(images.c.uri)
+            )
+            changed.extend(conn.execute(stmt).scalars())
+    return changed
+
+
+def cancel_job(engine: Engine, job_id: int) -> int:
+    """Stop a job: its still-queued images become ``skipped``; returns how many were skipped."""
+    with writer(engine).begin() as conn:
+        skipped = conn.execute(
+            sa.update(images)
+            .where(images.c.last_job_id == job_id, images.c.state == ImageState.queued)
+            .values(state=ImageState.skipped, updated_at=utcnow())
+        ).rowcount
+        conn.execute(
+            sa.update(scan_jobs)
+            .where(scan_jobs.c.id == job_id, scan_jobs.c.state == JobState.running)
+            .values(state=JobState.cancelled, finished_at=utcnow())
+        )
+    return skipped
+
+
+def _insert_rows_statement(dialect: str, table: sa.Table, columns: tuple[str, ...]) -> Any:
+    """An INSERT of many rows that takes ON CONFLICT; run it with _execute_rows.
+
+    PostgreSQL gets ``INSERT ... SELECT FROM json_to_recordset(:rows)``: all rows travel as one JSON
+    parameter instead of thousands of scalars, several times faster than a multi-row VALUES with psycopg.
+    SQLite gets SQLAlchemy's batched multi-row VALUES (executemany with "insertmanyvalues").
+    """
+    insert = dialect_insert(dialect)
+    if dialect == "postgresql":
+        source = (
+            sa.func.json_to_recordset(sa.cast(sa.bindparam("rows", type_=sa.Text), sa.JSON))
+            .table_valued(*(sa.column(name, table.c[name].type) for name in columns))
+            .render_derived(name="src", with_types=True)
+        )
+        return insert(table).from_select(list(columns), sa.select(*(source.c[name] for name in columns)))
+    return insert(table)
+
+
+def dialect_insert(dialect: str) -> Any:
+    """The dialect's ``insert`` construct, the one that offers ``on_conflict_do_update``."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        raise NotImplementedError(f"upserts are written for SQLite and PostgreSQL, not {dialect}")
+    return insert
+
+
+def _execute_rows(conn: Connection, stmt: Any, rows: list[dict[str, Any]]) -> sa.CursorResult[Any]:
+    """Run a statement from _insert_rows_statement over ``rows`` (values shared by all rows are bound
+    in the statement: as per-row parameters they would stop SQLAlchemy batching rows on SQLite)."""
+    if conn.dialect.name == "postgresql":
+        return conn.execute(stmt, {"rows": json.dumps(rows, default=_json_default, separators=(",", ":"))})
+    return conn.execute(stmt, rows)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"cannot store {type(value).__name__} in a row payload")
+
+
+def _batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    iterator = iter(items)
+    while batch := list(islice(iterator, size)):
+        yield batch
