@@ -52,7 +52,28 @@ _register_all()
 
 
 def main() -> None:
-    app()
+    """Console entry point: known operational errors become one clear line and an exit code."""
+    try:
+        app()
+    except Exception as exc:
+        code = _exit_code_for(exc)
+        if code is None:
+            raise
+        console.print(f"[red]error:[/red] {exc}")
+        raise SystemExit(code) from None
+
+
+def _exit_code_for(exc: Exception) -> int | None:
+    """Map the errors a user can fix (schema not migrated, database unreachable) to exit codes."""
+    from sqlalchemy.exc import OperationalError
+
+    from db.engine import SchemaNotCurrent
+
+    if isinstance(exc, SchemaNotCurrent):
+        return 3
+    if isinstance(exc, OperationalError):
+        return 15
+    return None
 
 
 if __name__ == "__main__":
