@@ -1,0 +1,188 @@
+"""Score one chunk of URIs: read and decode in a thread pool while the ensemble scores the previous batch.
+
+Decoding (Pillow, pydicom, numpy) and inference (torch) both release the GIL, so a pool of
+``decode_threads`` keeps the next batch ready while the current one is being scored.
+One failing image is recorded as failed and never fails the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from deepcovid.errors import ImageError, TransientError
+from deepcovid.results import ImageResult
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from deepcovid.ensemble import Ensemble
+    from deepcovid.settings import Settings
+    from deepcovid.storage import Storage
+
+# URIs may carry patient names in file names: they are logged at DEBUG only, counts at INFO.
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Prepared:
+    """One image read and preprocessed, waiting for its batch."""
+
+    pixels: np.ndarray
+    info: dict[str, Any]
+    size: int
+
+
+def _must_propagate() -> tuple[type[BaseException], ...]:
+    """Exceptions that end the chunk rather than one image: retry signals and Celery's time limit."""
+    kinds: list[type[BaseException]] = [TransientError]
+    try:
+        from billiard.exceptions import SoftTimeLimitExceeded
+
+        kinds.append(SoftTimeLimitExceeded)
+    except ImportError:  # pragma: no cover - billiard ships with celery
+        pass
+    return tuple(kinds)
+
+
+def _name_of(uri: str) -> str:
+    """The file name: the decoder uses its extension as a hint (e.g. ``.dcm``)."""
+    return os.path.basename(uri.rstrip("/"))
+
+
+def _prepare(storage: Storage, uri: str, max_pixels: int, propagate: tuple[type[BaseException], ...]) -> Any:
+    from deepcovid.preprocess import load_image
+
+    size: int | None = None
+    try:
+        data = storage.read(uri)
+        size = len(data)
+        pixels, info = load_image(data, name=_name_of(uri), max_pixels=max_pixels)
+        return _Prepared(pixels=pixels, info=info.as_dict(), size=size)
+    except ImageError as exc:
+        log.debug("image failed (%s): %s", exc.reason, uri)
+        return ImageResult.failed(uri, exc.reason, exc.detail, size=size)
+    except propagate:
+        raise
+    except Exception as exc:
+        log.debug("unexpected %s reading or decoding %s", type(exc).__name__, uri, exc_info=True)
+        return ImageResult.failed(uri, "internal_error", type(exc).__name__, size=size)
+
+
+def _scored(uri: str, prepared: _Prepared, batch: Any, j: int) -> ImageResult:
+    return ImageResult(
+        uri=uri,
+        status="scored",
+        probabilities={arch: float(p[j]) for arch, p in batch.probabilities.items()},
+        decisions={arch: bool(d[j]) for arch, d in batch.decisions.items()},
+        ensemble_score=float(batch.ensemble_score[j]),
+        ensemble_decision=bool(batch.ensemble_decision[j]),
+        disagreement=float(batch.disagreement[j]),
+        thresholds={name: float(t) for name, t in batch.thresholds.items()},
+        info=prepared.info,
+        size=prepared.size,
+    )
+
+
+def _score_batch(
+    uris: Sequence[str],
+    pending: list[tuple[int, _Prepared]],
+    ensemble: Ensemble,
+    propagate: tuple[type[BaseException], ...],
+) -> list[tuple[int, ImageResult]]:
+    """Score a batch; if the batch as a whole fails, score its images one by one to isolate the cause."""
+    from deepcovid.preprocess import collate
+
+    try:
+        batch = ensemble.score(collate([p.pixels for _, p in pending]))
+    except propagate:
+        raise
+    except Exception as exc:
+        if len(pending) == 1:
+            i, prepared = pending[0]
+            log.error("scoring one image failed with %s", type(exc).__name__)
+            log.debug("scoring %s failed", uris[i], exc_info=True)
+            failed = ImageResult.failed(
+                uris[i], "internal_error", type(exc).__name__, info=prepared.info, size=prepared.size
+            )
+            return [(i, failed)]
+        log.warning(
+            "a batch of %d failed with %s; scoring its images one by one", len(pending), type(exc).__name__
+        )
+        out: list[tuple[int, ImageResult]] = []
+        for item in pending:
+            out.extend(_score_batch(uris, [item], ensemble, propagate))
+        return out
+    return [(i, _scored(uris[i], prepared, batch, j)) for j, (i, prepared) in enumerate(pending)]
+
+
+def score_chunk(
+    uris: Sequence[str],
+    *,
+    storage: Storage,
+    ensemble: Ensemble,
+    settings: Settings,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[ImageResult]:
+    """One ImageResult per URI, in the order given.
+
+    ``on_batch(n)`` is called after each batch with the number of images finished (scored or
+    failed) since the previous call, for progress bars. TransientError propagates (the caller retries
+    the chunk); every other per-image problem becomes a failed result.
+    """
+    uris = list(uris)
+    results: list[ImageResult | None] = [None] * len(uris)
+    if not uris:
+        return []
+    propagate = _must_propagate()
+    batch_size = max(1, settings.batch_size)
+    threads = max(1, min(settings.decode_threads, len(uris)))
+
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="deepcovid-decode")
+    try:
+        futures: list[Future[Any]] = [
+            pool.submit(_prepare, storage, uri, settings.max_image_pixels, propagate) for uri in uris
+        ]
+        pending: list[tuple[int, _Prepared]] = []
+        finished_since_report = 0
+
+        def flush() -> None:
+            nonlocal pending, finished_since_report
+            if pending:
+                for i, result in _score_batch(uris, pending, ensemble, propagate):
+                    results[i] = result
+                finished_since_report += len(pending)
+                pending = []
+            if on_batch is not None and finished_since_report:
+                on_batch(finished_since_report)
+            finished_since_report = 0
+
+        for i, future in enumerate(futures):
+            outcome = future.result()
+            if isinstance(outcome, ImageResult):
+                results[i] = outcome
+                finished_since_report += 1
+                continue
+            pending.append((i, outcome))
+            if len(pending) >= batch_size:
+                flush()
+        flush()
+    finally:
+        # On an exception the queued reads are dropped instead of finishing the whole chunk.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+    done = [r for r in results if r is not None]
+    reasons = Counter(r.reason for r in done if r.status == "failed")
+    log.info(
+        "chunk of %d: %d scored, %d failed%s",
+        len(uris),
+        len(done) - sum(reasons.values()),
+        sum(reasons.values()),
+        f" ({', '.join(f'{k}={v}' for k, v in sorted(reasons.items()))})" if reasons else "",
+    )
+    return done

@@ -1,0 +1,162 @@
+"""Storage: local reads confined to the storage roots, OS errors mapped to reasons, S3 through moto."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from deepcovid.errors import StorageError, TransientError
+from deepcovid.settings import Settings
+from deepcovid.storage import open_storage, parse_s3_uri
+
+
+def make_settings(roots: list[Path], **kw: object) -> Settings:
+    return Settings(storage_roots=roots, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> Path:
+    root = tmp_path / "archive"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "a.png").write_bytes(b"hello")
+    (tmp_path / "secret.txt").write_bytes(b"do not read")
+    return root
+
+
+def reason_of(storage: object, uri: str) -> str:
+    with pytest.raises(StorageError) as info:
+        storage.read(uri)  # type: ignore[attr-defined]
+    return info.value.reason
+
+
+def test_reads_a_file_under_a_root(archive: Path) -> None:
+    storage = open_storage(make_settings([archive]))
+    assert storage.read(str(archive / "sub" / "a.png")) == b"hello"
+    assert storage.stat(str(archive / "sub" / "a.png")) == 5
+
+
+def test_no_roots_refuses_everything_and_says_how_to_fix(archive: Path) -> None:
+    storage = open_storage(make_settings([]))
+    with pytest.raises(StorageError) as info:
+        storage.read(str(archive / "sub" / "a.png"))
+    assert info.value.reason == "outside_storage_root"
+    assert "DEEPCOVID_STORAGE_ROOTS" in info.value.detail
+
+
+def test_extra_roots_widen_the_configured_ones(archive: Path, tmp_path: Path) -> None:
+    storage = open_storage(make_settings([]), extra_roots=[archive])
+    assert storage.read(str(archive / "sub" / "a.png")) == b"hello"
+
+
+def test_dot_dot_escape_is_refused(archive: Path) -> None:
+    storage = open_storage(make_settings([archive]))
+    assert reason_of(storage, str(archive / "sub" / ".." / ".." / "secret.txt")) == "outside_storage_root"
+
+
+def test_sibling_directory_with_a_common_prefix_is_outside(archive: Path, tmp_path: Path) -> None:
+    sibling = tmp_path / "archive-other"
+    sibling.mkdir()
+    (sibling / "x.png").write_bytes(b"x")
+    storage = open_storage(make_settings([archive]))
+    assert reason_of(storage, str(sibling / "x.png")) == "outside_storage_root"
+
+
+def test_symlink_escaping_the_root_is_refused(archive: Path, tmp_path: Path) -> None:
+    (archive / "link.png").symlink_to(tmp_path / "secret.txt")
+    (archive / "dirlink").symlink_to(tmp_path)
+    storage = open_storage(make_settings([archive]))
+    assert reason_of(storage, str(archive / "link.png")) == "outside_storage_root"
+    assert reason_of(storage, str(archive / "dirlink" / "secret.txt")) == "outside_storage_root"
+
+
+def test_symlink_inside_the_root_is_followed(archive: Path) -> None:
+    (archive / "alias.png").symlink_to(archive / "sub" / "a.png")
+    storage = open_storage(make_settings([archive]))
+    assert storage.read(str(archive / "alias.png")) == b"hello"
+
+
+def test_relative_paths_are_refused(archive: Path) -> None:
+    storage = open_storage(make_settings([archive]))
+    assert reason_of(storage, "sub/a.png") == "outside_storage_root"
+
+
+def test_os_errors_map_to_reasons(archive: Path) -> None:
+    storage = open_storage(make_settings([archive]))
+    assert reason_of(storage, str(archive / "missing.png")) == "not_found"
+    assert reason_of(storage, str(archive / "sub" / "a.png" / "below")) == "not_found"
+    assert reason_of(storage, str(archive / "sub")) == "is_a_directory"
+    os.mkfifo(archive / "pipe")
+    assert reason_of(storage, str(archive / "pipe")) == "unreadable"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_permission_denied(archive: Path) -> None:
+    path = archive / "locked.png"
+    path.write_bytes(b"x")
+    path.chmod(0)
+    try:
+        assert reason_of(open_storage(make_settings([archive])), str(path)) == "permission_denied"
+    finally:
+        path.chmod(0o644)
+
+
+def test_too_large_is_refused_before_reading(archive: Path) -> None:
+    (archive / "big.png").write_bytes(b"x" * 101)
+    storage = open_storage(make_settings([archive], max_file_bytes=100))
+    with pytest.raises(StorageError) as info:
+        storage.read(str(archive / "big.png"))
+    assert info.value.reason == "too_large"
+    assert "DEEPCOVID_MAX_FILE_BYTES" in info.value.detail
+
+
+def test_parse_s3_uri() -> None:
+    assert parse_s3_uri("s3://bucket/a/b.dcm") == ("bucket", "a/b.dcm")
+    for bad in ("s3://bucket", "s3:///key", "/local", "s3://bucket/"):
+        with pytest.raises(ValueError):
+            parse_s3_uri(bad)
+
+
+def s3_settings(server: object, **kw: object) -> Settings:
+    return Settings(
+        s3_endpoint_url=server.endpoint_url,  # type: ignore[attr-defined]
+        s3_access_key_id=server.access_key,  # type: ignore[attr-defined]
+        s3_secret_access_key=server.secret_key,  # type: ignore[attr-defined]
+        s3_max_attempts=2,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_s3_read_and_errors(s3_server: object, s3_bucket: tuple[object, str]) -> None:
+    client, bucket = s3_bucket
+    client.put_object(Bucket=bucket, Key="dir/a.png", Body=b"png bytes")  # type: ignore[attr-defined]
+    client.put_object(Bucket=bucket, Key="big.png", Body=b"x" * 50)  # type: ignore[attr-defined]
+    storage = open_storage(s3_settings(s3_server, max_file_bytes=20))
+    assert storage.read(f"s3://{bucket}/dir/a.png") == b"png bytes"
+    assert storage.stat(f"s3://{bucket}/dir/a.png") == 9
+    assert reason_of(storage, f"s3://{bucket}/dir/missing.png") == "not_found"
+    assert reason_of(storage, f"s3://no-such-bucket-{bucket}/a.png") == "not_found"
+    assert reason_of(storage, f"s3://{bucket}/big.png") == "too_large"
+    assert reason_of(storage, "s3://only-a-bucket") == "not_found"
+
+
+def test_s3_unreachable_is_transient() -> None:
+    from tests.fixtures.services import free_port
+
+    settings = Settings(
+        s3_endpoint_url=f"http://127.0.0.1:{free_port()}",
+        s3_access_key_id="x",  # type: ignore[arg-type]
+        s3_secret_access_key="y",  # type: ignore[arg-type]
+        s3_max_attempts=1,
+    )
+    with pytest.raises(TransientError):
+        open_storage(settings).read("s3://bucket/key.png")
+
+
+def test_s3_client_is_recreated_after_fork(s3_server: object) -> None:
+    storage = open_storage(s3_settings(s3_server))
+    first = storage.client
+    assert storage.client is first
+    storage._client_pid = -1  # as if this object had been inherited through fork()
+    assert storage.client is not first

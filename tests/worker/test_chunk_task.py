@@ -1,0 +1,134 @@
+"""The task body in-process against the real PostgreSQL: idempotence and crash isolation bookkeeping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from db.models import Image, Prediction
+from deepcovid.settings import Settings
+from tests.fixtures.images import xray_png_bytes
+from worker.tasks import retryable_errors, run_chunk
+
+postgresql_only = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+
+
+def make_chunk(engine: Any, root: Path, bundle_id: str, count: int = 4) -> tuple[int, list[str]]:
+    from db.writes import ImageRef, create_job, register_images
+
+    root.mkdir(exist_ok=True)
+    uris = []
+    for i in range(count):
+        (root / f"{i}.png").write_bytes(xray_png_bytes(64, seed=i))
+        uris.append(str(root / f"{i}.png"))
+    job_id = create_job(engine, source=str(root), bundle_id=bundle_id, options={})
+    register_images(engine, job_id, bundle_id, [ImageRef(uri=u) for u in uris])
+    return job_id, uris
+
+
+def settings_for(url: str, root: Path, bundles_dir: Path, **kw: Any) -> Settings:
+    return Settings(
+        database_url=url,  # type: ignore[arg-type]
+        storage_roots=[root],
+        bundles_dir=bundles_dir,
+        device="cpu",
+        batch_size=2,
+        decode_threads=2,
+        **kw,
+    )
+
+
+def rows(engine: Any, uris: list[str]) -> dict[str, tuple[str, str | None, int, int]]:
+    """uri -> (state, failure reason, attempt count, prediction count)."""
+    with engine.connect() as conn:
+        result = conn.execute(
+            sa.select(
+                Image.uri,
+                Image.state,
+                Image.failure_reason,
+                Image.attempt_count,
+                sa.func.count(Prediction.id),
+            )
+            .outerjoin(Prediction, Prediction.image_id == Image.id)
+            .where(Image.uri.in_(uris))
+            .group_by(Image.id)
+        )
+        return {uri: (state.value, reason, attempts, n) for uri, state, reason, attempts, n in result}
+
+
+@postgresql_only
+def test_first_delivery_scores_in_batches_and_a_repeat_is_skipped(
+    migrated_engine: Any, migrated_url: str, tmp_path: Path, bundles_dir: Path, tiny_bundle_id: str
+) -> None:
+    root = tmp_path / "archive"
+    job_id, uris = make_chunk(migrated_engine, root, tiny_bundle_id)
+    settings = settings_for(migrated_url, root, bundles_dir)
+
+    summary = run_chunk(job_id, tiny_bundle_id, uris, settings=settings)
+    assert summary == {
+        "job_id": job_id,
+        "images": 4,
+        "skipped": 0,
+        "scored": 4,
+        "failed": 0,
+        "isolated": False,
+    }
+    assert {v for v in rows(migrated_engine, uris).values()} == {("scored", None, 0, 1)}
+
+    again = run_chunk(job_id, tiny_bundle_id, uris, settings=settings, redelivered=True)
+    assert again["skipped"] == 4 and again["scored"] == 0
+    assert {v for v in rows(migrated_engine, uris).values()} == {("scored", None, 0, 1)}
+
+
+@postgresql_only
+def test_redelivered_chunk_is_scored_one_image_at_a_time(
+    migrated_engine: Any, migrated_url: str, tmp_path: Path, bundles_dir: Path, tiny_bundle_id: str
+) -> None:
+    root = tmp_path / "archive"
+    job_id, uris = make_chunk(migrated_engine, root, tiny_bundle_id)
+    settings = settings_for(migrated_url, root, bundles_dir, max_attempts=3)
+    # As after two crashes on image 2 in isolation: it is the one the next attempt gives up on.
+    with migrated_engine.begin() as conn:
+        conn.execute(sa.update(Image).where(Image.uri == uris[2]).values(attempt_count=2))
+
+    summary = run_chunk(job_id, tiny_bundle_id, uris, settings=settings)
+    assert summary["isolated"] is True
+    assert (summary["scored"], summary["failed"]) == (3, 1)
+    state = rows(migrated_engine, uris)
+    assert state[uris[2]] == ("failed", "crashed_worker", 3, 0)
+    for uri in (uris[0], uris[1], uris[3]):
+        assert state[uri] == ("scored", None, 1, 1)
+
+
+@postgresql_only
+def test_redelivery_skips_what_an_earlier_isolated_delivery_finished(
+    migrated_engine: Any, migrated_url: str, tmp_path: Path, bundles_dir: Path, tiny_bundle_id: str
+) -> None:
+    from db.writes import write_results
+    from deepcovid.results import ImageResult
+
+    root = tmp_path / "archive"
+    job_id, uris = make_chunk(migrated_engine, root, tiny_bundle_id)
+    settings = settings_for(migrated_url, root, bundles_dir)
+    # The earlier delivery wrote image 0 before dying on image 1.
+    write_results(
+        migrated_engine, job_id=job_id, bundle_id=tiny_bundle_id,
+        results=[ImageResult.failed(uris[0], "corrupt", "x")], worker_host="h", device="cpu",
+    )  # fmt: skip
+    summary = run_chunk(job_id, tiny_bundle_id, uris, settings=settings, redelivered=True)
+    assert summary["skipped"] == 1 and summary["scored"] == 3
+    assert rows(migrated_engine, uris)[uris[0]][:2] == ("failed", "corrupt")
+
+
+def test_database_unreachable_is_retryable() -> None:
+    from db.engine import ensure_schema_current, make_engine
+    from tests.fixtures.services import free_port
+
+    engine = make_engine(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/nothing?connect_timeout=2")
+    with pytest.raises(retryable_errors()):
+        ensure_schema_current(engine)
+    with pytest.raises(retryable_errors()), engine.connect():
+        pass

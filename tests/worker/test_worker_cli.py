@@ -1,0 +1,25 @@
+"""`deepcovid worker`: the celery command line it runs."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+
+def test_worker_command_builds_the_celery_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepcovid.cli import app
+    from deepcovid.settings import get_settings
+
+    monkeypatch.setenv("DEEPCOVID_QUEUE", "screening")
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(
+            app, ["worker", "--dry-run", "--pool", "solo", "-n", "gpu0@%h", "-c", "1"]
+        )
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 0, result.output
+    words = result.output.split()
+    assert words[1:6] == ["-m", "celery", "-A", "worker", "worker"]
+    assert " -Q screening --pool solo " in result.output
+    assert "-n gpu0@%h" in result.output and "--concurrency 1" in result.output and "-E" in words
