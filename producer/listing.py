@@ -1,0 +1,236 @@
+"""List the images of an archive (a local directory or an S3 prefix) as a stream of ``ImageRef``.
+
+Archives hold millions of files, so nothing here builds a list: the local walk keeps one directory's
+entries at a time and S3 is read page by page.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from db.writes import ImageRef
+    from deepcovid.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Formats the decoder reads. TIFF is left out on purpose: the decoder does not support it.
+DEFAULT_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+SNIFF_BYTES = 132  # a DICOM preamble is 128 bytes followed by "DICM"
+
+
+@dataclass(frozen=True)
+class Include:
+    """Which files of an archive are images: by extension, and optionally by sniffing the content."""
+
+    extensions: frozenset[str] = frozenset(DEFAULT_EXTENSIONS)
+    sniff: bool = False  # files whose extension is not listed are kept when their first bytes are an image
+    everything: bool = False  # every non-hidden file (failures are then recorded per file)
+
+    def describe(self) -> str:
+        if self.everything:
+            return "all"
+        parts = sorted(e.lstrip(".") for e in self.extensions)
+        if self.sniff:
+            parts.append("sniff")
+        return ",".join(parts)
+
+
+def parse_include(spec: str | None) -> Include:
+    """Parse ``--include``: ``png,jpg``, ``sniff`` (default extensions + sniffing), ``dcm,sniff``, ``all``."""
+    if spec is None or not spec.strip():
+        return Include()
+    words = [w.strip().lower() for w in spec.split(",") if w.strip()]
+    if "all" in words or "*" in words:
+        return Include(everything=True)
+    sniff = "sniff" in words
+    extensions = frozenset("." + w.lstrip(".") for w in words if w != "sniff")
+    if not extensions:
+        extensions = frozenset(DEFAULT_EXTENSIONS)
+    return Include(extensions=extensions, sniff=sniff)
+
+
+def looks_like_image(head: bytes) -> bool:
+    """True when the first bytes are a PNG, a JPEG or a DICOM file with its preamble."""
+    return (
+        head.startswith(b"\x89PNG\r\n\x1a\n")
+        or head.startswith(b"\xff\xd8\xff")
+        or (len(head) >= 132 and head[128:132] == b"DICM")
+    )
+
+
+def _extension(name: str) -> str:
+    return os.path.splitext(name)[1].lower()
+
+
+def _entry_name(entry: os.DirEntry[str]) -> str:
+    return entry.name
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _included(name: str, include: Include, sniff: Callable[[], bool]) -> bool:
+    """Listed extension, or (when sniffing) image content; ``sniff`` reads the file only if needed."""
+    if include.everything or _extension(name) in include.extensions:
+        return True
+    return include.sniff and sniff()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Local directories
+
+
+def _sniff_file(path: str) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return looks_like_image(fh.read(SNIFF_BYTES))
+    except OSError:
+        return False
+
+
+def walk_local(
+    root: Path | str,
+    include: Include | None = None,
+    *,
+    on_error: Callable[[str, OSError], None] | None = None,
+) -> Iterator[ImageRef]:
+    """Yield the images under ``root`` depth first, sorted by name within each directory.
+
+    Hidden files and directories are skipped; symlinked directories are not followed (no cycles, no
+    escaping the archive), symlinked files are yielded and left to the storage roots to accept or refuse.
+    A subdirectory that cannot be read is reported to ``on_error`` and skipped.
+    """
+    from db.writes import ImageRef
+
+    include = include or Include()
+    extensions, everything, sniff = include.extensions, include.everything, include.sniff
+    utc = timezone.utc
+    stack: list[str] = [os.fspath(root)]
+    while stack:  # this loop runs once per file of the archive: kept lean on purpose
+        directory = stack.pop()
+        try:
+            with os.scandir(directory) as it:
+                entries = sorted(it, key=_entry_name)
+        except OSError as exc:
+            if on_error is None:
+                log.warning("skipping unreadable directory %s: %s", directory, exc.strerror or exc)
+            else:
+                on_error(directory, exc)
+            continue
+        subdirs: list[str] = []
+        for entry in entries:
+            name = entry.name
+            if name[0] == ".":
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    subdirs.append(entry.path)
+                    continue
+                if not entry.is_file():  # sockets, fifos, broken links, symlinked directories
+                    continue
+                if not everything:
+                    dot = name.rfind(".")
+                    if (dot <= 0 or name[dot:].lower() not in extensions) and not (
+                        sniff and _sniff_file(entry.path)
+                    ):
+                        continue
+                st = entry.stat()
+            except OSError as exc:
+                if on_error is not None:
+                    on_error(entry.path, exc)
+                continue
+            yield ImageRef(entry.path, "file", st.st_size, datetime.fromtimestamp(st.st_mtime, utc), None)
+        stack.extend(reversed(subdirs))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# S3
+
+
+def parse_s3_source(uri: str) -> tuple[str, str]:
+    """Split ``s3://bucket`` or ``s3://bucket/prefix`` into ``(bucket, prefix)`` (the prefix may be empty)."""
+    if not uri.startswith("s3://"):
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise ValueError("an S3 source needs a bucket: s3://bucket/prefix")
+    return bucket, prefix
+
+
+def s3_prefix(prefix: str) -> str:
+    """A source prefix names a folder: ``scans`` lists ``scans/...``, never ``scans-old/...``."""
+    return prefix if not prefix or prefix.endswith("/") else prefix + "/"
+
+
+def walk_s3(
+    bucket: str,
+    prefix: str,
+    include: Include | None = None,
+    *,
+    client: Any = None,
+    settings: Settings | None = None,
+    page_size: int = 1000,
+) -> Iterator[ImageRef]:
+    """Yield the images under ``s3://bucket/prefix`` one listing page at a time (S3 returns keys sorted).
+
+    Keys with a hidden path component below the prefix and folder markers are skipped. Sniffing costs one
+    ranged GET per object whose extension is not listed.
+    """
+    from db.writes import ImageRef
+
+    include = include or Include()
+    if client is None:
+        from deepcovid.settings import get_settings
+        from deepcovid.storage import s3_client
+
+        client = s3_client(settings or get_settings())
+    prefix = s3_prefix(prefix)
+    paginator = client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size}):
+        for obj in page.get("Contents", ()):
+            key: str = obj["Key"]
+            relative = key[len(prefix) :]
+            if not relative or key.endswith("/"):
+                continue
+            if any(_hidden(part) for part in relative.split("/")):
+                continue
+            name = relative.rsplit("/", 1)[-1]
+            if not _included(name, include, lambda key=key: _sniff_s3(client, bucket, key)):
+                continue
+            yield ImageRef(
+                uri=f"s3://{bucket}/{key}",
+                storage="s3",
+                size=int(obj.get("Size", 0)),
+                mtime=obj.get("LastModified"),
+                etag=(obj.get("ETag") or "").strip('"') or None,
+            )
+
+
+def _sniff_s3(client: Any, bucket: str, key: str) -> bool:
+    try:
+        response = client.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{SNIFF_BYTES - 1}")
+        return looks_like_image(response["Body"].read())
+    except Exception:  # an object we cannot read is not listed; scoring it would only fail the same way
+        return False
+
+
+def list_source(
+    source: str,
+    include: Include | None = None,
+    *,
+    settings: Settings | None = None,
+    on_error: Callable[[str, OSError], None] | None = None,
+) -> Iterator[ImageRef]:
+    """Stream the images of ``source``: an ``s3://bucket/prefix`` URI or a local directory."""
+    if source.startswith("s3://"):
+        bucket, prefix = parse_s3_source(source)
+        return walk_s3(bucket, prefix, include, settings=settings)
+    return walk_local(Path(source), include, on_error=on_error)

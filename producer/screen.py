@@ -1,0 +1,290 @@
+"""``deepcovid screen``: the whole pipeline in one process, with no broker and no database server.
+
+It runs exactly the code the distributed system runs: ``producer.listing`` to list,
+``db.writes.register_images`` to register, ``deepcovid.pipeline.score_chunk`` to score and
+``db.writes.write_results`` to store, so results are interchangeable with a worker's.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import socket
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from producer.enqueue import (
+    EXIT_NO_BUNDLE,
+    EXIT_SCHEMA_NOT_CURRENT,
+    NO_BUNDLE_HELP,
+    REGISTER_BATCH,
+    PreflightError,
+    batched,
+    check_local_source,
+    check_s3_source,
+)
+from producer.listing import Include, list_source, parse_include
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
+    from deepcovid.results import ImageResult
+    from deepcovid.settings import Settings
+
+TOP_FLAGGED = 5
+SCREEN_NO_BUNDLE_HELP = (
+    "no bundle to score with. Pass --bundle BUNDLE_DIR (a bundle made by `deepcovid train` or "
+    "`deepcovid bundle init`), or register and promote one: " + NO_BUNDLE_HELP.split(". ", 1)[1]
+)
+
+
+@dataclass
+class ScreenSummary:
+    """What one ``screen`` run did, for the closing report."""
+
+    job_id: int
+    bundle_id: str
+    database_url: str
+    device: str = ""
+    listed: int = 0
+    to_score: int = 0
+    skipped: int = 0  # already scored by this bundle
+    scored: int = 0
+    failed: Counter[str] = field(default_factory=Counter)  # reason -> count
+    flagged: int = 0
+    top_flagged: list[tuple[float, str]] = field(default_factory=list)  # (ensemble score, uri), highest first
+    interrupted: bool = False
+    promoted: bool = False  # the --bundle given became the active bundle (there was none)
+    unreadable: list[str] = field(default_factory=list)
+
+    @property
+    def done(self) -> int:
+        return self.scored + sum(self.failed.values())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Database and bundle
+
+
+def open_database(settings: Settings) -> Engine:
+    """The results database; the default embedded SQLite file is created and migrated on first use."""
+    from sqlalchemy import inspect
+
+    from db.engine import SchemaNotCurrent, ensure_schema_current, make_engine
+    from producer.enqueue import check_database
+
+    embedded = settings.database_url is None or not settings.database_url.get_secret_value()
+    if not embedded:
+        return check_database(settings)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    url = settings.effective_database_url
+    engine = make_engine(url)
+    if not inspect(engine).get_table_names():
+        from db.migrate import upgrade
+
+        upgrade(url)
+    try:
+        ensure_schema_current(engine)
+    except SchemaNotCurrent as exc:
+        raise PreflightError(EXIT_SCHEMA_NOT_CURRENT, str(exc)) from None
+    return engine
+
+
+def resolve_bundle(engine: Engine, settings: Settings, bundle: str | None) -> tuple[Any, bool]:
+    """The ``deepcovid.bundle.Bundle`` to score with, and whether it was just promoted.
+
+    ``bundle`` is a bundle directory (verified, installed, registered, and promoted when no bundle is
+    active yet, so the next run needs no flag), a registered bundle id, or None for the active bundle.
+    """
+    from db.registry import UnknownBundle, active_bundle, get_bundle, register_bundle, set_active
+    from deepcovid.bundle import BundleError, find_bundle, install_bundle, load_bundle
+
+    bundles_dir = settings.effective_bundles_dir
+    if bundle and Path(bundle).expanduser().is_dir():
+        try:
+            loaded = load_bundle(install_bundle(Path(bundle).expanduser(), bundles_dir))
+        except BundleError as exc:
+            raise PreflightError(EXIT_NO_BUNDLE, f"{bundle}: not a usable bundle: {exc}") from None
+        register_bundle(
+            engine,
+            bundle_id=loaded.bundle_id,
+            manifest=loaded.manifest,
+            path=str(loaded.path),
+            metrics=loaded.metrics or None,
+        )
+        if active_bundle(engine) is None:
+            set_active(engine, loaded.bundle_id)
+            return loaded, True
+        return loaded, False
+    if bundle:
+        try:
+            record = get_bundle(engine, bundle)
+        except UnknownBundle:
+            raise PreflightError(
+                EXIT_NO_BUNDLE,
+                f"{bundle!r} is neither a bundle directory nor a registered bundle id. "
+                + SCREEN_NO_BUNDLE_HELP,
+            ) from None
+    else:
+        record = active_bundle(engine)
+        if record is None:
+            raise PreflightError(EXIT_NO_BUNDLE, SCREEN_NO_BUNDLE_HELP)
+    try:
+        return find_bundle(record.bundle_id, bundles_dir), False
+    except BundleError as exc:
+        if record.path and Path(record.path).is_dir():
+            try:
+                return load_bundle(record.path), False
+            except BundleError:
+                pass
+        raise PreflightError(
+            EXIT_NO_BUNDLE,
+            f"bundle {record.bundle_id} is registered but not usable from {bundles_dir} ({exc}); "
+            "pass --bundle BUNDLE_DIR",
+        ) from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run
+
+
+def _spool(uris: list[str], fh: Any) -> None:
+    for uri in uris:
+        fh.write(json.dumps(uri) + "\n")
+
+
+def _read_spool(fh: Any, size: int) -> Iterator[list[str]]:
+    fh.seek(0)
+    lines = (json.loads(line) for line in fh)
+    while chunk := list(islice(lines, size)):
+        yield chunk
+
+
+def screen(
+    source: str,
+    *,
+    settings: Settings | None = None,
+    bundle: str | None = None,
+    include: Include | str | None = None,
+    rescore: bool = False,
+    limit: int | None = None,
+    on_listed: Callable[[ScreenSummary], None] | None = None,
+    on_start: Callable[[ScreenSummary], None] | None = None,
+    on_images: Callable[[int], None] | None = None,
+    on_chunk: Callable[[ScreenSummary], None] | None = None,
+) -> ScreenSummary:
+    """List, register, score and store ``source`` in this process; returns the run's summary.
+
+    Every chunk's results are committed before the next chunk starts, so an interruption loses at most
+    the chunk in flight; running again resumes (images scored by the bundle are skipped). On Ctrl-C the
+    summary comes back with ``interrupted=True``. ``on_images(n)`` reports progress after every batch.
+    """
+    from db.writes import create_job, finish_job_if_done, register_images, write_results
+    from deepcovid.ensemble import Ensemble
+    from deepcovid.pipeline import score_chunk
+    from deepcovid.settings import get_settings
+    from deepcovid.storage import open_storage
+
+    settings = settings or get_settings()
+    if not isinstance(include, Include):
+        include = parse_include(include)
+    extra_roots: tuple[Path, ...] = ()
+    if source.startswith("s3://"):
+        check_s3_source(source, settings)
+        canonical = source
+    else:
+        root = Path(source).expanduser()
+        canonical = str(check_local_source(source, settings, extra_roots=[root]))
+        extra_roots = (Path(canonical),)
+
+    engine = open_database(settings)
+    loaded, promoted = resolve_bundle(engine, settings, bundle)
+    bundle_id = loaded.bundle_id
+    options = {"include": include.describe(), "rescore": rescore, "embedded": True}
+    if limit:
+        options["limit"] = limit
+    job_id = create_job(engine, source=canonical, bundle_id=bundle_id, options=options)
+    summary = ScreenSummary(
+        job_id=job_id,
+        bundle_id=bundle_id,
+        database_url=settings.effective_database_url,
+        promoted=promoted,
+    )
+
+    def unreadable(path: str, exc: OSError) -> None:
+        summary.unreadable.append(path)
+
+    with tempfile.TemporaryFile("w+", encoding="utf-8") as spool:
+        refs = list_source(canonical, include, settings=settings, on_error=unreadable)
+        if limit:
+            refs = islice(refs, limit)
+        for batch in batched(refs, REGISTER_BATCH):
+            summary.listed += len(batch)
+            uris = register_images(engine, job_id, bundle_id, batch, rescore=rescore)
+            summary.to_score += len(uris)
+            _spool(uris, spool)
+            if on_listed is not None:
+                on_listed(summary)
+        summary.skipped = summary.listed - summary.to_score
+
+        storage = open_storage(settings, extra_roots=extra_roots)
+        ensemble = Ensemble.from_bundle(loaded, device=settings.device, settings=settings)
+        summary.device = str(ensemble.device)
+        if on_start is not None:
+            on_start(summary)
+        host = socket.gethostname()
+        try:
+            for chunk in _read_spool(spool, settings.chunk_size):
+                results = score_chunk(
+                    chunk, storage=storage, ensemble=ensemble, settings=settings, on_batch=on_images
+                )
+                write_results(
+                    engine,
+                    job_id=job_id,
+                    bundle_id=bundle_id,
+                    results=results,
+                    worker_host=host,
+                    device=summary.device,
+                )
+                _tally(summary, results)
+                if on_chunk is not None:
+                    on_chunk(summary)
+        except KeyboardInterrupt:
+            summary.interrupted = True
+    finish_job_if_done(engine, job_id)
+    return summary
+
+
+def _tally(summary: ScreenSummary, results: list[ImageResult]) -> None:
+    for result in results:
+        if result.status == "scored":
+            summary.scored += 1
+            if result.ensemble_decision:
+                summary.flagged += 1
+                item = (float(result.ensemble_score or 0.0), result.uri)
+                if len(summary.top_flagged) < TOP_FLAGGED:
+                    heapq.heappush(summary.top_flagged, item)
+                else:
+                    heapq.heappushpop(summary.top_flagged, item)
+        else:
+            summary.failed[result.reason or "internal_error"] += 1
+
+
+def top_flagged(summary: ScreenSummary) -> list[tuple[float, str]]:
+    """The highest-scoring flagged images of this run, highest first."""
+    return sorted(summary.top_flagged, reverse=True)
+
+
+def display_database(url: str) -> str:
+    """Where the results are, for the closing message: a file path for SQLite, a masked URL otherwise."""
+    from deepcovid.settings import mask_url
+
+    if url.startswith("sqlite:///"):
+        return os.path.abspath(url[len("sqlite:///") :])
+    return mask_url(url)
