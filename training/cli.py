@@ -1,9 +1,223 @@
-"""Commands contributed by the `training` package."""
+"""Commands contributed by the `training` package: train, evaluate, bundle register, bundle promote."""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
+from rich.console import Console
+
+console = Console(stderr=True, soft_wrap=True)  # long paths and commands stay copyable
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _setup_logging() -> None:
+    from rich.logging import RichHandler
+
+    from deepcovid.settings import get_settings
+
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(
+            level=get_settings().log_level,
+            format="%(message)s",
+            handlers=[RichHandler(console=console, show_path=False)],
+        )
+
+
+def train_command(
+    data: Annotated[
+        Path, typer.Argument(help="Labelled folder (covid/, non_covid/) or CSV (path,label[,patient_id]).")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle directory to create (must not exist).")],
+    test: Annotated[
+        Optional[Path], typer.Option(help="Separate labelled test data, evaluated at the end.")
+    ] = None,
+    arch: Annotated[
+        Optional[list[str]],
+        typer.Option("--arch", help="Train only this network (repeatable). Default: all four."),
+    ] = None,
+    pretrained: Annotated[
+        str, typer.Option(help="imagenet, none, or a weights file/directory.")
+    ] = "imagenet",
+    finetune: Annotated[
+        str, typer.Option(help="head: only the last layer (the paper); all: every layer.")
+    ] = "head",
+    epochs: Annotated[int, typer.Option(min=1)] = 100,
+    batch_size: Annotated[int, typer.Option(min=1)] = 100,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-4,
+    seed: int = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    val_fraction: Annotated[
+        float, typer.Option(help="Share of the data (by patient) held out for validation.")
+    ] = 0.2,
+    test_fraction: Annotated[
+        float, typer.Option(help="Share held out (by patient) as a test set and evaluated at the end.")
+    ] = 0.0,
+    target_sensitivity: Annotated[
+        float, typer.Option(help="Thresholds: the highest that reaches this sensitivity on validation.")
+    ] = 0.98,
+    early_stopping: Annotated[
+        Optional[int],
+        typer.Option(metavar="PATIENCE", help="Stop after this many epochs without a better val AUC."),
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the checkpoints in --checkpoint-dir.")] = False,
+    checkpoint_dir: Annotated[
+        Optional[Path], typer.Option(help="Default: OUT.ckpt beside the bundle.")
+    ] = None,
+    report_dir: Annotated[
+        Optional[Path], typer.Option(help="Test report folder. Default: OUT.report.")
+    ] = None,
+    workers: Annotated[int, typer.Option(min=0, max=8, help="DataLoader worker processes.")] = 0,
+    hflip: Annotated[
+        bool, typer.Option(help="Also flip COVID images horizontally when augmenting (the paper did).")
+    ] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Fine-tune the networks on labelled X-rays; write a bundle with thresholds chosen on validation data."""
+    from deepcovid.bundle import BundleError
+    from deepcovid.networks import PretrainedWeightsUnavailable
+    from training.data import DataError
+    from training.train import ResumeError, TrainArgs, main
+
+    _setup_logging()
+    try:
+        args = TrainArgs(
+            data=data,
+            out=out,
+            test=test,
+            archs=tuple(arch or ()),
+            pretrained=pretrained,
+            finetune=finetune,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            device=device,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            target_sensitivity=target_sensitivity,
+            early_stopping=early_stopping,
+            resume=resume,
+            checkpoint_dir=checkpoint_dir,
+            report_dir=report_dir,
+            workers=workers,
+            hflip=hflip,
+            progress=progress,
+        )
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ValueError(f"{out} already exists; choose a new --out")
+        bundle = main(args)
+    except PretrainedWeightsUnavailable as exc:
+        raise _fail(str(exc)) from None
+    except (DataError, ResumeError, BundleError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"bundle [bold]{bundle.bundle_id}[/] written to {bundle.path}", highlight=False)
+    validation = bundle.metrics.get("validation", {})
+    for name, auc in (validation.get("auc") or {}).items():
+        console.print(f"  validation AUC {name}: {auc if auc is None else f'{auc:.4f}'}", highlight=False)
+
+
+def evaluate_command(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
+    test_data: Annotated[Path, typer.Argument(help="Labelled folder or CSV to evaluate on.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder (report.md, metrics.json, PNGs).")],
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    bootstrap: Annotated[int, typer.Option(min=100, help="Bootstrap resamples for the AUC interval.")] = 1000,
+    db: Annotated[
+        bool, typer.Option("--db/--no-db", help="Record the metrics in the bundle registry.")
+    ] = True,
+) -> None:
+    """Evaluate a bundle on labelled test data with the screener's own scoring; write a report."""
+    from deepcovid.bundle import BundleError
+    from training.data import DataError
+    from training.evaluate import evaluate_bundle
+
+    _setup_logging()
+    try:
+        metrics = evaluate_bundle(
+            bundle, test_data, out, device=device, batch_size=batch_size, record_db=db, n_resamples=bootstrap
+        )
+    except (BundleError, DataError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    op = metrics["operating"]
+    console.print(
+        f"ensemble @ {op['threshold']:.4f}: sensitivity {op['sensitivity']}, "
+        f"specificity {op['specificity']}, "
+        f"AUC {op['auc']}; report in {out}",
+        highlight=False,
+    )
+
+
+def register_command(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory to verify, install and register.")],
+    promote: Annotated[
+        bool, typer.Option(help="Also make it the active bundle (subject to the promotion gate).")
+    ] = False,
+    force: Annotated[bool, typer.Option(help="With --promote: skip the promotion gate.")] = False,
+) -> None:
+    """Verify a bundle, copy it into the bundles directory and record it in the database.
+
+    Registering never changes the active bundle (not even the first one); use --promote or `bundle promote`.
+    """
+    from deepcovid.bundle import BundleError, load_bundle
+    from deepcovid.settings import get_settings
+    from training.registry import (
+        PromotionRefused,
+        RegistryUnavailable,
+        open_registry,
+        promote_bundle,
+        register,
+    )
+
+    settings = get_settings()
+    try:
+        loaded = load_bundle(bundle)
+        engine = open_registry(settings)
+        installed = register(engine, loaded, settings=settings)
+        console.print(
+            f"registered bundle [bold]{loaded.bundle_id}[/] (installed at {installed})", highlight=False
+        )
+        if promote:
+            console.print(promote_bundle(engine, loaded.bundle_id, force=force), highlight=False)
+    except (BundleError, RegistryUnavailable, PromotionRefused, LookupError) as exc:
+        raise _fail(str(exc)) from None
+
+
+def promote_command(
+    bundle_id: Annotated[str, typer.Argument(help="Id of a registered bundle.")],
+    force: Annotated[bool, typer.Option(help="Promote even if the gate refuses.")] = False,
+) -> None:
+    """Make a registered bundle the active one for new jobs, if it is not less sensitive than the current one.
+
+    The gate compares ensemble sensitivity at the operating threshold on the same evaluation data (same
+    eval_data_id); without such a pair of evaluations it refuses unless --force.
+    """
+    from deepcovid.settings import get_settings
+    from training.registry import PromotionRefused, RegistryUnavailable, open_registry, promote_bundle
+
+    try:
+        engine = open_registry(get_settings())
+        console.print(promote_bundle(engine, bundle_id, force=force), highlight=False)
+    except (RegistryUnavailable, PromotionRefused, LookupError) as exc:
+        raise _fail(str(exc)) from None
 
 
 def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
     """Attach this package's commands to the CLI (called by deepcovid.cli)."""
+    app.command("train")(train_command)
+    app.command("evaluate")(evaluate_command)
+    groups["bundle"].command("register")(register_command)
+    groups["bundle"].command("promote")(promote_command)
+
+
+def run_train() -> None:
+    """Entry point for ``python -m training.train``."""
+    typer.run(train_command)

@@ -1,0 +1,91 @@
+"""A short real training run on separable synthetic X-rays: it learns, and its thresholds hold."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.training.conftest import TRAIN_ARCH, TRAIN_EPOCHS
+from training.data import load_labelled, split_samples
+from training.thresholds import sensitivity_at
+
+pytestmark = pytest.mark.slow
+
+
+def test_short_run_reaches_high_validation_auc(trained) -> None:
+    bundle, args, seconds = trained
+    validation = bundle.metrics["validation"]
+    print(f"\n{TRAIN_ARCH}: validation AUC {validation['auc']} after {TRAIN_EPOCHS} epochs in {seconds:.0f}s")
+    assert bundle.architectures == (TRAIN_ARCH,)
+    assert validation["auc"][TRAIN_ARCH] >= 0.95
+    assert validation["auc"]["ensemble"] >= 0.95
+    provenance = bundle.provenance
+    assert provenance["epochs_run"] == {TRAIN_ARCH: TRAIN_EPOCHS}
+    assert provenance["counts"]["train"]["covid"] + provenance["counts"]["val"]["covid"] == 20
+    assert provenance["patient_split"] is False
+    assert provenance["args"]["pretrained"] == "none" and provenance["args"]["finetune"] == "all"
+    assert provenance["seed"] == 0 and provenance["torch"]
+
+
+def test_thresholds_meet_target_on_validation_with_the_worker_scoring(trained) -> None:
+    """Re-score the validation split through Ensemble (the worker's path): thresholds still hold."""
+    from deepcovid.ensemble import Ensemble
+    from training.evaluate import score_samples
+
+    bundle, args, _ = trained
+    target = args.target_sensitivity
+    for name, op in bundle.metrics["validation"]["operating_points"].items():
+        assert op["sensitivity"]["value"] >= target, name
+
+    split = split_samples(load_labelled(args.data), val_fraction=args.val_fraction, seed=args.seed)
+    scored = score_samples(Ensemble.from_bundle(bundle, device="cpu", precision="fp32"), split.val)
+    assert len(scored.samples) == len(split.val)
+    assert (
+        sensitivity_at(scored.labels, scored.probabilities[TRAIN_ARCH], bundle.thresholds[TRAIN_ARCH])
+        >= target
+    )
+    assert sensitivity_at(scored.labels, scored.ensemble_scores, bundle.ensemble_threshold) >= target
+    assert np.all(scored.ensemble_scores[scored.labels == 1] >= bundle.ensemble_threshold - 1e-6)
+
+
+def test_imagenet_default_without_weights_fails_clearly(
+    training_cli, cli_runner, separable_data: Path, tmp_path: Path, isolated_settings, monkeypatch
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    monkeypatch.delenv("DEEPCOVID_IMAGENET_WEIGHTS_DIR", raising=False)
+    out = tmp_path / "never"
+    result = cli_runner.invoke(
+        training_cli,
+        [
+            "train",
+            str(separable_data),
+            "--out",
+            str(out),
+            "--arch",
+            "squeezenet1_1",
+            "--epochs",
+            "1",
+            "--no-progress",
+            "--device",
+            "cpu",
+        ],
+    )
+    assert result.exit_code == 1, result.output
+    assert "not available offline" in result.output and "--pretrained none" in result.output
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_train_refuses_existing_out_and_bad_arch(
+    training_cli, cli_runner, separable_data: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("keep")
+    result = cli_runner.invoke(training_cli, ["train", str(separable_data), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "already exists" in result.output
+    result = cli_runner.invoke(
+        training_cli, ["train", str(separable_data), "--out", str(tmp_path / "o2"), "--arch", "vgg16"]
+    )
+    assert result.exit_code == 1 and "unknown architecture" in result.output

@@ -1,0 +1,313 @@
+"""Labelled chest X-rays for training and evaluation: reading, patient-disjoint splits, cached tensors.
+
+Images go through exactly the inference path (``deepcovid.preprocess.load_image`` then ``collate``),
+so a model is trained on the same 224x224 crop it later scores. Data sets here are small (hundreds of
+images), so every image is decoded once and kept as uint8 in memory; epochs then cost only compute.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+LABELS = ("non_covid", "covid")  # index = class, matching deepcovid.networks.CLASSES
+_LABEL_VALUES = {
+    "covid": 1,
+    "covid-19": 1,
+    "covid19": 1,
+    "1": 1,
+    "positive": 1,
+    "non_covid": 0,
+    "non-covid": 0,
+    "noncovid": 0,
+    "0": 0,
+    "negative": 0,
+}
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom", ""}
+
+
+class DataError(ValueError):
+    """The labelled data cannot be used as given; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One labelled image. ``name`` is its path as the data source spells it (relative), for identity."""
+
+    path: Path
+    label: int
+    name: str
+    patient_id: str | None = None
+
+
+@dataclass
+class Split:
+    """Train / validation / optional test samples and whether patients kept them apart."""
+
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample] = field(default_factory=list)
+    by_patient: bool = False
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        out = {}
+        for part in ("train", "val", "test"):
+            samples = getattr(self, part)
+            if samples:
+                out[part] = class_counts(samples)
+        return out
+
+
+def parse_label(value: str) -> int:
+    try:
+        return _LABEL_VALUES[value.strip().lower()]
+    except KeyError:
+        raise DataError(f"unknown label {value!r}: use covid or non_covid (or 1 / 0)") from None
+
+
+def class_counts(samples: Sequence[Sample]) -> dict[str, int]:
+    labels = [s.label for s in samples]
+    return {LABELS[1]: labels.count(1), LABELS[0]: labels.count(0)}
+
+
+def load_labelled(source: Path) -> list[Sample]:
+    """Read a labelled folder (``covid/``, ``non_covid/``) or a CSV (``path|filename,label[,patient_id]``)."""
+    source = Path(source)
+    if source.is_dir():
+        samples = _load_folder(source)
+    elif source.is_file():
+        samples = _load_csv(source)
+    else:
+        raise DataError(f"{source}: no such folder or CSV file")
+    if not samples:
+        raise DataError(f"{source}: no labelled images found")
+    return samples
+
+
+def _load_folder(root: Path) -> list[Sample]:
+    samples: list[Sample] = []
+    found = False
+    for label_dir in sorted(root.iterdir()):
+        if not label_dir.is_dir() or label_dir.name.lower() not in _LABEL_VALUES:
+            continue
+        found = True
+        label = parse_label(label_dir.name)
+        for path in sorted(label_dir.rglob("*")):
+            if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in _IMAGE_SUFFIXES:
+                samples.append(Sample(path=path, label=label, name=path.relative_to(root).as_posix()))
+    if not found:
+        raise DataError(f"{root}: expected sub-folders covid/ and non_covid/ (or a CSV file)")
+    return samples
+
+
+def _load_csv(csv_path: Path) -> list[Sample]:
+    base = csv_path.parent
+    with csv_path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        columns = {c.strip().lower(): c for c in reader.fieldnames or []}
+        path_col = columns.get("path") or columns.get("filename") or columns.get("file")
+        label_col = columns.get("label")
+        if path_col is None or label_col is None:
+            raise DataError(
+                f"{csv_path}: needs columns path (or filename) and label, has {reader.fieldnames}"
+            )
+        patient_col = columns.get("patient_id")
+        samples = []
+        for line, row in enumerate(reader, start=2):
+            name = (row.get(path_col) or "").strip()
+            if not name:
+                raise DataError(f"{csv_path}:{line}: empty path")
+            try:
+                label = parse_label(row.get(label_col) or "")
+            except DataError as exc:
+                raise DataError(f"{csv_path}:{line}: {exc}") from None
+            patient = (row.get(patient_col) or "").strip() if patient_col else ""
+            path = Path(name) if Path(name).is_absolute() else base / name
+            samples.append(
+                Sample(path=path, label=label, name=Path(name).as_posix(), patient_id=patient or None)
+            )
+    return samples
+
+
+def data_id(samples: Sequence[Sample]) -> str:
+    """sha256 of the sorted (name, label) list: two evaluations with equal ids used the same data."""
+    items = sorted((s.name, LABELS[s.label]) for s in samples)
+    return hashlib.sha256(json.dumps(items, separators=(",", ":")).encode()).hexdigest()
+
+
+def _groups(samples: Sequence[Sample]) -> np.ndarray | None:
+    """Patient ids as split groups; images without an id are their own group. None: no ids at all."""
+    if not any(s.patient_id for s in samples):
+        return None
+    return np.array([s.patient_id if s.patient_id else f"\0image:{s.name}" for s in samples])
+
+
+def _split_off(
+    samples: Sequence[Sample], fraction: float, seed: int
+) -> tuple[list[Sample], list[Sample], bool]:
+    """Split ``fraction`` of samples off (stratified by label; by patient when ids exist)."""
+    from sklearn.model_selection import (
+        GroupShuffleSplit,
+        StratifiedGroupKFold,
+        train_test_split,
+    )
+
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"split fraction must be between 0 and 1, got {fraction}")
+    labels = np.array([s.label for s in samples])
+    index = np.arange(len(samples))
+    groups = _groups(samples)
+    if groups is None:
+        stratify = labels if min(np.bincount(labels, minlength=2)) >= 2 else None
+        keep, held = train_test_split(index, test_size=fraction, random_state=seed, stratify=stratify)
+        return [samples[i] for i in keep], [samples[i] for i in held], False
+    n_splits = max(2, round(1 / fraction))
+    try:
+        # One fold of a stratified group K-fold: patient-disjoint and close to the class balance.
+        splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        keep, held = next(splitter.split(index, labels, groups))
+    except ValueError:
+        # Too few patients per class for stratified folds: still patient-disjoint, just unstratified.
+        splitter = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+        keep, held = next(splitter.split(index, labels, groups))
+    return [samples[i] for i in keep], [samples[i] for i in held], True
+
+
+def split_samples(
+    samples: Sequence[Sample],
+    *,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.0,
+    seed: int = 0,
+) -> Split:
+    """Seeded train/validation(/test) split; no patient ever appears on two sides."""
+    test: list[Sample] = []
+    rest = list(samples)
+    by_patient = _groups(samples) is not None
+    if test_fraction > 0:
+        rest, test, _ = _split_off(rest, test_fraction, seed)
+    # val_fraction is of the whole set; after the test split it is a larger share of what remains.
+    share = val_fraction / (1.0 - test_fraction) if test_fraction > 0 else val_fraction
+    train, val, _ = _split_off(rest, min(share, 0.9), seed + 1)
+    for name, part in (("train", train), ("validation", val)):
+        if len({s.label for s in part}) < 2:
+            raise DataError(
+                f"the {name} split has only one class ({class_counts(part)}); "
+                "add images or change the fractions"
+            )
+    return Split(train=train, val=val, test=test, by_patient=by_patient)
+
+
+@dataclass
+class DecodedSet:
+    """Samples decoded to the model input: ``images`` uint8 [N, 3, 224, 224], ``labels`` int64 [N]."""
+
+    samples: list[Sample]
+    images: object  # torch.Tensor, kept untyped so importing this module does not import torch
+    labels: object
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason) of undecodable files
+
+
+def decode_samples(samples: Sequence[Sample], *, max_pixels: int | None = None) -> DecodedSet:
+    """Decode once through the inference preprocessing; files that fail are skipped and listed."""
+    import torch
+
+    from deepcovid.errors import ImageError
+    from deepcovid.preprocess import collate, load_image
+
+    kept: list[Sample] = []
+    arrays: list[np.ndarray] = []
+    skipped: list[tuple[str, str]] = []
+    for sample in samples:
+        try:
+            data = sample.path.read_bytes()
+            pixels, _info = load_image(data, name=sample.path.name, max_pixels=max_pixels)
+        except ImageError as exc:
+            skipped.append((sample.name, exc.reason))
+            continue
+        except OSError as exc:
+            skipped.append((sample.name, f"unreadable: {exc.strerror or exc}"))
+            continue
+        kept.append(sample)
+        arrays.append(pixels)
+    if skipped:
+        log.warning("skipped %d undecodable image(s), e.g. %s", len(skipped), skipped[0])
+    if arrays:
+        images = torch.cat([collate(arrays[i : i + 64]) for i in range(0, len(arrays), 64)])
+    else:
+        images = torch.empty((0, 3, 224, 224), dtype=torch.uint8)
+    labels = torch.tensor([s.label for s in kept], dtype=torch.int64)
+    return DecodedSet(samples=kept, images=images, labels=labels, skipped=skipped)
+
+
+def make_augmentation(hflip: bool = False):  # -> torchvision.transforms.v2.Transform
+    """Mild, anatomy-preserving augmentation (the paper augmented COVID images to enlarge that class).
+
+    Horizontal flips are off by default: chest X-rays have a side (heart on the left), and a flipped
+    film is an image no scanner produces. The paper did flip; ``hflip=True`` restores that.
+    """
+    from torchvision.transforms import v2
+
+    steps = [
+        v2.RandomRotation(degrees=10),
+        v2.RandomResizedCrop(224, scale=(0.9, 1.0), ratio=(0.95, 1.05), antialias=True),
+        v2.ColorJitter(brightness=0.1, contrast=0.1),
+    ]
+    if hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(steps)
+
+
+class CachedImages:
+    """A torch Dataset over a DecodedSet: (uint8 [3,224,224], label), augmenting chosen classes only."""
+
+    def __init__(self, decoded: DecodedSet, augment=None, augment_labels: Sequence[int] = (1,)) -> None:
+        self.images = decoded.images
+        self.labels = decoded.labels
+        self.augment = augment
+        self.augment_labels = set(augment_labels)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __getitem__(self, index: int):
+        image = self.images[index]
+        label = int(self.labels[index])
+        if self.augment is not None and label in self.augment_labels:
+            image = self.augment(image)
+        return image, label
+
+
+def balanced_sampler(labels, *, seed: int, num_samples: int | None = None):
+    """Over-sample the minority class so each batch is about half COVID (paper: 84 COVID -> 420).
+
+    Drawn with replacement from a seeded generator; the default epoch length is twice the majority
+    class, so every majority image is seen about once per epoch.
+    """
+    import torch
+    from torch.utils.data import WeightedRandomSampler
+
+    counts = torch.bincount(labels, minlength=2).to(torch.float64)
+    weights = (1.0 / counts.clamp(min=1))[labels]
+    generator = torch.Generator().manual_seed(seed)
+    total = num_samples or int(2 * counts.max().item())
+    return WeightedRandomSampler(weights, num_samples=total, replacement=True, generator=generator)
+
+
+def write_samples_csv(samples: Sequence[Sample], path: Path) -> None:
+    """Write samples as a CSV ``deepcovid evaluate`` reads (absolute paths, so it works from anywhere)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label"])
+        for s in samples:
+            writer.writerow([str(s.path.resolve()), LABELS[s.label]])
