@@ -210,8 +210,29 @@ def promote_command(
         raise _fail(str(exc)) from None
 
 
+def demo_data_command(
+    out: Annotated[Path, typer.Argument(help="Folder to create: OUT/train (labelled) and OUT/archive.")],
+    images: Annotated[
+        int, typer.Option(min=4, help="Images per class for training; the archive gets as many.")
+    ] = 60,
+    size: Annotated[int, typer.Option(min=32, help="Side of the generated images in pixels.")] = 128,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Generate a synthetic labelled training set and an unlabelled archive (for demos; no patient data)."""
+    from training.synthetic import write_demo_archive, write_labelled_folder
+
+    write_labelled_folder(out / "train", images, images, size=size, seed=seed)
+    write_demo_archive(out / "archive", images, size=size * 2, seed=seed + 1)
+    console.print(
+        f"wrote {2 * images} labelled images to {out / 'train'} and {images} images "
+        f"(+2 deliberately broken files) to {out / 'archive'}",
+        highlight=False,
+    )
+
+
 def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
     """Attach this package's commands to the CLI (called by deepcovid.cli)."""
+    app.command("demo-data")(demo_data_command)
     app.command("train")(train_command)
     app.command("evaluate")(evaluate_command)
     groups["bundle"].command("register")(register_command)
