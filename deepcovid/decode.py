@@ -56,6 +56,9 @@ _MAGIC = {
     b"II*\x00": "TIFF",
     b"MM\x00*": "TIFF",
 }
+# The (7FE0,0010) Pixel Data tag as it appears in little- and big-endian files.
+_PIXEL_DATA_TAG_LE = b"\xe0\x7f\x10\x00"
+_PIXEL_DATA_TAG_BE = b"\x7f\xe0\x00\x10"
 _DETAIL_LIMIT = 200
 _NEVER_CAUGHT = (KeyboardInterrupt, SystemExit, GeneratorExit)
 
@@ -306,6 +309,9 @@ def _decode_dicom(data: bytes, limit: int) -> DecodedImage:
     if "PixelData" not in ds:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             raise DecodeError("unsupported_dicom", "floating-point pixel data")
+        if _PIXEL_DATA_TAG_LE in data or _PIXEL_DATA_TAG_BE in data:
+            # pydicom drops an element the file ends inside: a partial transfer, not an unsupported file.
+            raise DecodeError("truncated", "the file ends inside its pixel data")
         raise DecodeError("unsupported_dicom", "no pixel data (or the file ends before it)")
     modality = str(ds.get("Modality", "") or "").strip().upper()
     if modality not in PROJECTION_MODALITIES:

@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.images",
     "tests.fixtures.databases",
     "tests.fixtures.services",
+    "tests.fixtures.faults",
 ]
