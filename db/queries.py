@@ -343,6 +343,17 @@ def _json_value(value: Any) -> Any:
     raise TypeError(f"cannot export {type(value).__name__}")
 
 
+def queued_uris(engine: Engine, job_id: int) -> list[str]:
+    """The job's images still waiting for a result, in listing order (to re-send a stuck job)."""
+    with engine.connect() as conn:
+        stmt = (
+            sa.select(images.c.uri)
+            .where(images.c.last_job_id == job_id, images.c.state == ImageState.queued)
+            .order_by(images.c.id)
+        )
+        return list(conn.execute(stmt).scalars())
+
+
 def image_audit(engine: Engine, uri: str) -> ImageAudit | None:
     """What the database knows about one image (None when it was never registered)."""
     with engine.connect() as conn:

@@ -521,19 +521,26 @@ def _results_table(engine: Engine, job: int, *, flagged: bool, limit: int, out: 
 
 def requeue_command(
     job: int = typer.Argument(..., help="Job id."),
-    failed: bool = typer.Option(False, "--failed", help="Re-queue the job's failed images (required)."),
+    failed: bool = typer.Option(False, "--failed", help="Re-queue the job's failed images."),
+    queued: bool = typer.Option(
+        False,
+        "--queued",
+        help="Re-send images still queued (a job stuck after a broker crash or exhausted retries). "
+        "Safe: results are written once per image and bundle.",
+    ),
     reason: Optional[str] = typer.Option(None, "--reason", help="Only images that failed with this reason."),
     chunk_size: Optional[int] = typer.Option(None, "--chunk-size", min=1, help="Images per task message."),
 ) -> None:
-    """Send a job's failed images back to the workers (e.g. after fixing permissions or a storage outage)."""
+    """Send a job's failed (or stuck queued) images back to the workers, e.g. after fixing storage."""
+    from db.queries import queued_uris
     from db.writes import requeue_failed
     from deepcovid.errors import REASONS
     from deepcovid.queue import make_celery, send_chunk
     from deepcovid.settings import get_settings
     from producer.enqueue import PreflightError, batched, check_broker
 
-    if not failed:
-        err_console.print("[bold red]error:[/] say what to requeue: --failed")
+    if not (failed or queued):
+        err_console.print("[bold red]error:[/] say what to requeue: --failed and/or --queued")
         raise typer.Exit(2)
     if reason is not None and reason not in REASONS:
         err_console.print(f"[bold red]error:[/] unknown reason {reason!r}; one of {', '.join(REASONS)}")
@@ -546,12 +553,15 @@ def requeue_command(
         check_broker(app)
     except PreflightError as exc:
         raise _fail(exc) from None
-    uris = requeue_failed(engine, job, reason=reason)
+    uris = queued_uris(engine, job) if queued else []
+    if failed:
+        uris += requeue_failed(engine, job, reason=reason)
     chunks = 0
     for chunk in batched(uris, chunk_size or settings.chunk_size):
         send_chunk(app, job, progress.bundle_id, chunk)
         chunks += 1
-    console.print(f"Job {job}: re-queued {len(uris):,} failed images in {chunks} chunks.", highlight=False)
+    what = " and ".join(name for name, on in (("queued", queued), ("failed", failed)) if on)
+    console.print(f"Job {job}: re-queued {len(uris):,} {what} images in {chunks} chunks.", highlight=False)
 
 
 def audit_command(

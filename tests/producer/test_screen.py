@@ -142,7 +142,15 @@ def test_requeue_failed_sends_them_to_the_broker(
             job_state = conn.execute(sa.text("SELECT state FROM scan_jobs WHERE id = 1")).scalar()
         assert state == "queued" and job_state == "running"
 
-        assert run_cli("requeue", "1").exit_code == 2  # --failed is required
+        # A stuck job (its chunk lost with a crashed broker): --queued re-sends what is still queued.
+        client.delete(queue)
+        result = run_cli("requeue", "1", "--queued")
+        assert result.exit_code == 0, result.output
+        assert "re-queued 1 queued images" in flat(result.stdout)
+        resent = json.loads(base64.b64decode(json.loads(client.lrange(queue, 0, -1)[0])["body"]))[1]
+        assert resent["uris"] == kwargs["uris"]
+
+        assert run_cli("requeue", "1").exit_code == 2  # --failed or --queued is required
         assert run_cli("requeue", "1", "--failed", "--reason", "bogus").exit_code == 2
     finally:
         client.delete(queue)
