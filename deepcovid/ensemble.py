@@ -18,6 +18,7 @@ Disagreement is max - min of the networks' probabilities for the image.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 
     from deepcovid.results import ImageResult
     from deepcovid.settings import Settings
+
+log = logging.getLogger(__name__)
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -217,6 +220,7 @@ class Ensemble:
         dtype = _autocast_dtype(target, precision, settings)
         networks: dict[str, nn.Module] = {}
         for arch, model in load_networks(bundle).items():
+            model = fold_batchnorm(model.eval())
             model = model.to(target, memory_format=torch.channels_last).eval()
             model.requires_grad_(False)
             if settings.compile and target.type == "cuda":
@@ -265,6 +269,26 @@ class Ensemble:
     def score(self, batch: torch.Tensor) -> ScoreBatch:
         """Probabilities, per-network decisions and the ensemble decision for one uint8 batch."""
         return combine(self.probabilities(batch), self.thresholds, self.policy, self.ensemble_threshold)
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold every eval-mode BatchNorm that directly follows a convolution into that convolution.
+
+    One operation instead of two per layer at inference (all of a ResNet's BatchNorms; DenseNet's
+    stem only, its other norms precede their convolutions). A model in training mode, without
+    BatchNorm, or that torch.fx cannot trace is returned as it is.
+    """
+    from torch import nn
+
+    if model.training or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model
+    try:
+        from torch.fx.experimental.optimization import fuse
+
+        return fuse(model, inplace=False).eval()
+    except Exception as exc:  # tracing is best effort: the unfolded model scores the same, only slower
+        log.warning("BatchNorm not folded for %s (%s): scoring unfolded", type(model).__name__, exc)
+        return model
 
 
 def _check_preprocessing(bundle: Bundle, input_size: int, mean: Any, std: Any) -> None:

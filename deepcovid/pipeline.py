@@ -11,7 +11,7 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -162,7 +162,11 @@ def score_chunk(
                 on_batch(finished_since_report)
             finished_since_report = 0
 
-        for i, future in enumerate(futures):
+        index = {future: i for i, future in enumerate(futures)}
+        # Batches are formed in completion order: one slow image (a large JPEG 2000 DICOM) does not
+        # hold back the images decoded after it.
+        for future in as_completed(futures):
+            i = index[future]
             outcome = future.result()
             if isinstance(outcome, ImageResult):
                 results[i] = outcome
