@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -39,6 +40,19 @@ log = logging.getLogger(__name__)
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+def cpu_inference_threads(configured: int, device: torch.device) -> int:
+    """Threads for CPU inference: the configured count, or all cores but one so decoding keeps a core.
+
+    Measured on 2 cores (docs/performance.md): decode threads and torch threads competing for both
+    cores cost ~20% of throughput; one torch thread beside the decoders matched the compute ceiling.
+    """
+    if configured > 0:
+        return configured
+    if device.type != "cpu":
+        return 0
+    return max(1, (os.cpu_count() or 2) - 1)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -214,9 +228,10 @@ class Ensemble:
         if not isinstance(bundle, Bundle):
             bundle = load_bundle(bundle)
         _check_preprocessing(bundle, INPUT_SIZE, IMAGENET_MEAN, IMAGENET_STD)
-        if settings.torch_threads > 0:
-            torch.set_num_threads(settings.torch_threads)
         target = resolve_device(device)
+        threads = cpu_inference_threads(settings.torch_threads, target)
+        if threads:
+            torch.set_num_threads(threads)
         dtype = _autocast_dtype(target, precision, settings)
         networks: dict[str, nn.Module] = {}
         for arch, model in load_networks(bundle).items():

@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     decode_threads: int = Field(default_factory=lambda: os.cpu_count() or 2)
     chunk_size: int = 256
     cpu_bf16: bool = False  # only where the tested tolerance holds; fp32 otherwise
-    torch_threads: int = 0  # 0 lets torch decide
+    torch_threads: int = 0  # 0: on CPU all cores but one (decoding keeps one); on CUDA torch decides
     compile: bool = False  # torch.compile on CUDA
 
     # Input limits: refuse before decoding rather than exhaust memory.
