@@ -1,8 +1,11 @@
 """Bulk, set-based writes: registering an archive's images and storing scored chunks.
 
-Everything here is written for throughput (multi-row INSERT ... ON CONFLICT ... RETURNING in batches) and
-for redelivery: writing the same chunk twice leaves the same rows, so a Celery task that runs again after
-a worker died can never duplicate a result.
+Everything here is written for throughput and for redelivery: writing the same chunk twice leaves the same
+rows, so a Celery task that runs again after a worker died can never duplicate a result.
+
+PostgreSQL gets hand-written statements over typed arrays (``unnest(%(uri)b::text[], ...)``, sent in
+psycopg's binary format): one statement per registered batch and one per scored chunk, each its own durable
+transaction. SQLite gets SQLAlchemy's batched multi-row ``INSERT ... ON CONFLICT``.
 """
 
 from __future__ import annotations
@@ -93,6 +96,8 @@ def register_images(
 def _register_batch(
     conn: Connection, job_id: int, bundle_id: str, refs: Sequence[ImageRef], *, rescore: bool
 ) -> list[str]:
+    if conn.dialect.name == "postgresql":
+        return _register_batch_pg(conn, job_id, bundle_id, refs, rescore=rescore)
     now = utcnow()
     rows: dict[str, dict[str, Any]] = {}
     for ref in refs:  # one row per URI: ON CONFLICT cannot touch the same row twice in one statement
@@ -209,6 +214,9 @@ def write_results(
         return
     now = utcnow()
     by_uri = {result.uri: result for result in results}
+    if engine.dialect.name == "postgresql":
+        _write_results_pg(engine, job_id, bundle_id, by_uri, worker_host, device, now)
+        return
     image_rows = [_image_row(result, job_id, now) for result in by_uri.values()]
     with writer(engine).begin() as conn:
         dialect = conn.dialect.name
@@ -366,6 +374,226 @@ def _float(value: Any) -> float | None:
     return None if math.isnan(value) else value
 
 
+# ---------------------------------------------------------------------------------------------------------
+# PostgreSQL: set-based statements over typed arrays
+#
+# Each column travels as one array parameter in binary format (``%(name)b``: psycopg packs a binary array
+# several times faster than it quotes a text one), which the server unpacks with ``unnest`` far more cheaply
+# than parsing JSON rows. Every call is a single statement in its own transaction (commit durable:
+# synchronous_commit is left as the server says). Statements go straight to psycopg so SQLAlchemy does not
+# walk the arrays element by element.
+
+_PG_REGISTER_SQL = """
+WITH src AS MATERIALIZED (
+    SELECT s.uri, s.storage, s.size, s.mtime, s.etag, s.ord, {scored} AS scored
+    FROM unnest(%(uri)b::text[], %(storage)b::text[], %(size)b::int8[], %(mtime)b::timestamptz[],
+                %(etag)b::text[]) WITH ORDINALITY AS s(uri, storage, size, mtime, etag, ord)
+),
+upserted AS (
+    INSERT INTO images AS i (uri, storage, size, mtime, etag, state, attempt_count, last_job_id, updated_at)
+    SELECT uri, storage, size, mtime, etag, CASE WHEN scored THEN 'scored' ELSE 'queued' END, 0,
+           %(job_id)s, %(now)s
+    FROM src
+    ON CONFLICT (uri) DO UPDATE SET
+        storage = excluded.storage, size = excluded.size, mtime = excluded.mtime, etag = excluded.etag,
+        last_job_id = excluded.last_job_id,
+        -- excluded.state says whether the image needs scoring ('queued') or keeps its state ('scored')
+        state = CASE WHEN excluded.state = 'queued' THEN 'queued' ELSE i.state END,
+        attempt_count = CASE WHEN excluded.state = 'queued' THEN 0 ELSE i.attempt_count END,
+        failure_reason = CASE WHEN excluded.state = 'queued' THEN NULL ELSE i.failure_reason END,
+        failure_detail = CASE WHEN excluded.state = 'queued' THEN NULL ELSE i.failure_detail END,
+        updated_at = CASE WHEN excluded.state = 'queued' THEN excluded.updated_at ELSE i.updated_at END
+)
+SELECT ord FROM src WHERE scored
+"""
+# A scalar subquery (at most one row: uri and (image, bundle) are unique) runs per listed row as two index
+# probes; the planner may turn an EXISTS into a hashed subplan reading every prediction of the bundle.
+_PG_SCORED = (
+    "coalesce((SELECT true FROM images e JOIN predictions p ON p.image_id = e.id "
+    "WHERE e.uri = s.uri AND p.bundle_id = %(bundle_id)s), false)"
+)
+
+
+def _register_batch_pg(
+    conn: Connection, job_id: int, bundle_id: str, refs: Sequence[ImageRef], *, rescore: bool
+) -> list[str]:
+    rows = {ref.uri: ref for ref in refs}  # one row per URI: ON CONFLICT cannot touch a row twice
+    listed = list(rows.values())
+    sql = _PG_REGISTER_SQL.format(scored="false" if rescore else _PG_SCORED)
+    params = {
+        "uri": [ref.uri for ref in listed],
+        "storage": [ref.storage or storage_kind(ref.uri) for ref in listed],
+        "size": [ref.size for ref in listed],
+        "mtime": [ref.mtime for ref in listed],
+        "etag": [ref.etag for ref in listed],
+        "job_id": job_id,
+        "bundle_id": bundle_id,
+        "now": utcnow(),
+    }
+    # Never a prepared statement: PostgreSQL could settle on a generic plan made while predictions was
+    # empty, and a re-listed archive then registered at 69 rows/s (each probe a scan of all predictions).
+    driver = conn.connection.driver_connection
+    assert driver is not None
+    scored = {ordinal for (ordinal,) in driver.execute(sql, params, prepare=False)}
+    return [ref.uri for ordinal, ref in enumerate(listed, 1) if ordinal not in scored]
+
+
+# Per-row prediction values; the rest (image id, bundle, job, time, host, device) are one per chunk.
+_PG_PREDICTION_VALUES = tuple(
+    name
+    for name in _PREDICTION_COLUMNS
+    if name not in ("image_id", "bundle_id", "job_id", "scored_at", "worker_host", "device")
+)
+_PG_ARRAY_TYPES = {"thresholds": "json"} | {
+    name: "bool" if name.endswith("_decision") else "float8"
+    for name in _PG_PREDICTION_VALUES
+    if name != "thresholds"
+}
+_PG_IMAGE_VALUES = {
+    "uri": "text",
+    "size": "int8",
+    "state": "text",
+    "failure_reason": "text",
+    "failure_detail": "text",
+    "study_uid": "text",
+    "series_uid": "text",
+    "sop_uid": "text",
+    "view": "text",
+    "scored": "bool",
+}
+_PG_SOURCE_COLUMNS = {**_PG_IMAGE_VALUES, **_PG_ARRAY_TYPES}
+
+
+def _pg_write_results_sql() -> str:
+    """One statement: upsert the chunk's images (an unknown URI is created), then upsert its predictions.
+
+    An image listed again by another job since this chunk was sent keeps that job's state; only its
+    metadata is filled in. The upsert's arbiter index makes every image an index lookup whatever the
+    planner's statistics say (an UPDATE ... FROM join can turn into a scan of the whole table).
+    """
+    names = list(_PG_SOURCE_COLUMNS)
+    arrays = ", ".join(f"%({name})b::{kind}[]" for name, kind in _PG_SOURCE_COLUMNS.items())
+    ours = "(i.last_job_id IS NULL OR i.last_job_id = %(job_id)s)"
+
+    def assignments(new: str) -> str:  # the SET list, taking the chunk's values from ``new``
+        kept = [
+            f"{column} = CASE WHEN {ours} THEN {new}.{column} ELSE i.{column} END"
+            for column in ("state", "failure_reason", "failure_detail")
+        ]
+        kept.append(f"updated_at = CASE WHEN {ours} THEN %(now)s ELSE i.updated_at END")
+        known = [
+            f"{column} = coalesce({new}.{column}, i.{column})"
+            for column in ("size", "study_uid", "series_uid", "sop_uid", "view")
+        ]
+        return ",\n        ".join(kept + known)
+
+    prediction_columns = ", ".join(_PG_PREDICTION_VALUES)
+    prediction_updates = ", ".join(
+        f"{column} = excluded.{column}"
+        for column in ("job_id", *_PG_PREDICTION_VALUES, "scored_at", "worker_host", "device")
+    )
+    return f"""
+WITH src AS MATERIALIZED (
+    SELECT * FROM unnest({arrays}) AS s({", ".join(names)})
+),
+images_written AS (
+    INSERT INTO images AS i (uri, storage, size, state, failure_reason, failure_detail, attempt_count,
+                             last_job_id, updated_at, study_uid, series_uid, sop_uid, view)
+    SELECT uri, CASE WHEN starts_with(uri, 's3://') THEN 's3' ELSE 'file' END, size, state, failure_reason,
+           failure_detail, 0, %(job_id)s, %(now)s, study_uid, series_uid, sop_uid, view
+    FROM src
+    ON CONFLICT (uri) DO UPDATE SET
+        {assignments("excluded")}
+    RETURNING i.id, i.uri
+)
+INSERT INTO predictions AS p (image_id, bundle_id, job_id, {prediction_columns},
+                              scored_at, worker_host, device)
+SELECT ids.id, %(bundle_id)s, %(job_id)s, {", ".join(f"src.{c}" for c in _PG_PREDICTION_VALUES)},
+       %(now)s, %(worker_host)s, %(device)s
+FROM images_written AS ids
+JOIN src ON src.uri = ids.uri
+WHERE src.scored
+ON CONFLICT (image_id, bundle_id) DO UPDATE SET {prediction_updates}
+"""
+
+
+_PG_WRITE_RESULTS_SQL = _pg_write_results_sql()
+
+
+def _write_results_pg(
+    engine: Engine,
+    job_id: int,
+    bundle_id: str,
+    by_uri: dict[str, ImageResult],
+    worker_host: str | None,
+    device: str | None,
+    now: datetime,
+) -> None:
+    # Sorted so two transactions writing overlapping chunks lock their image rows in the same order.
+    chunk = [by_uri[uri] for uri in sorted(by_uri)]
+    scored = [result.status == "scored" for result in chunk]
+    dicom = [dicom_fields(result.info) for result in chunk]
+    columns: dict[str, list[Any]] = {
+        "uri": [result.uri for result in chunk],
+        "size": [result.size for result in chunk],
+        "state": [ImageState.scored.value if ok else ImageState.failed.value for ok in scored],
+        "failure_reason": [
+            None if result.status == "scored" else (result.reason or "internal_error") for result in chunk
+        ],
+        "failure_detail": [
+            None if result.status == "scored" else (result.detail or None) for result in chunk
+        ],
+        **{column: [fields[column] for fields in dicom] for column in _DICOM_KEYS},
+        "scored": scored,
+        "ensemble_score": _floats(result.ensemble_score for result in chunk),
+        "ensemble_decision": _bools(result.ensemble_decision for result in chunk),
+        "disagreement": _floats(result.disagreement for result in chunk),
+        "thresholds": _thresholds_json(result.thresholds for result in chunk),
+    }
+    for arch in MODEL_ARCHITECTURES:
+        columns[f"{arch}_probability"] = _floats((r.probabilities or {}).get(arch) for r in chunk)
+        columns[f"{arch}_decision"] = _bools((r.decisions or {}).get(arch) for r in chunk)
+    params: dict[str, Any] = {
+        **columns,
+        "job_id": job_id,
+        "bundle_id": bundle_id,
+        "now": now,
+        "worker_host": worker_host,
+        "device": device,
+    }
+    with writer(engine).begin() as conn:
+        conn.exec_driver_sql(_PG_WRITE_RESULTS_SQL, params)
+
+
+def _floats(values: Iterable[Any]) -> list[float | None]:
+    """Plain floats (numpy scalars converted), NaN as None: _float for a whole column."""
+    out: list[float | None] = []
+    for value in values:
+        if value is not None:
+            value = float(value)
+            if value != value:  # NaN
+                value = None
+        out.append(value)
+    return out
+
+
+def _bools(values: Iterable[Any]) -> list[bool | None]:
+    return [None if value is None else bool(value) for value in values]
+
+
+def _thresholds_json(values: Iterable[dict[str, float] | None]) -> list[str]:
+    """Each result's thresholds as JSON text; a chunk's results nearly always share one dict."""
+    cache: dict[tuple[tuple[str, float], ...], str] = {}
+    out: list[str] = []
+    for thresholds in values:
+        key = tuple((str(k), float(v)) for k, v in (thresholds or {}).items())
+        text = cache.get(key)
+        if text is None:
+            text = cache[key] = json.dumps(dict(key))
+        out.append(text)
+    return out
+
+
 def finish_job_if_done(engine: Engine, job_id: int) -> bool:
     """Mark a running job finished once none of its images is queued; True when the job is finished."""
     with writer(engine).begin() as conn:
@@ -454,21 +682,9 @@ def cancel_job(engine: Engine, job_id: int) -> int:
 
 
 def _insert_rows_statement(dialect: str, table: sa.Table, columns: tuple[str, ...]) -> Any:
-    """An INSERT of many rows that takes ON CONFLICT; run it with _execute_rows.
-
-    PostgreSQL gets ``INSERT ... SELECT FROM json_to_recordset(:rows)``: all rows travel as one JSON
-    parameter instead of thousands of scalars, several times faster than a multi-row VALUES with psycopg.
-    SQLite gets SQLAlchemy's batched multi-row VALUES (executemany with "insertmanyvalues").
-    """
-    insert = dialect_insert(dialect)
-    if dialect == "postgresql":
-        source = (
-            sa.func.json_to_recordset(sa.cast(sa.bindparam("rows", type_=sa.Text), sa.JSON))
-            .table_valued(*(sa.column(name, table.c[name].type) for name in columns))
-            .render_derived(name="src", with_types=True)
-        )
-        return insert(table).from_select(list(columns), sa.select(*(source.c[name] for name in columns)))
-    return insert(table)
+    """An INSERT of many rows that takes ON CONFLICT (SQLite: SQLAlchemy batches the rows into multi-row
+    VALUES with "insertmanyvalues"); run it with _execute_rows. ``columns`` documents what rows carry."""
+    return dialect_insert(dialect)(table)
 
 
 def dialect_insert(dialect: str) -> Any:
@@ -485,15 +701,7 @@ def dialect_insert(dialect: str) -> Any:
 def _execute_rows(conn: Connection, stmt: Any, rows: list[dict[str, Any]]) -> sa.CursorResult[Any]:
     """Run a statement from _insert_rows_statement over ``rows`` (values shared by all rows are bound
     in the statement: as per-row parameters they would stop SQLAlchemy batching rows on SQLite)."""
-    if conn.dialect.name == "postgresql":
-        return conn.execute(stmt, {"rows": json.dumps(rows, default=_json_default, separators=(",", ":"))})
     return conn.execute(stmt, rows)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(f"cannot store {type(value).__name__} in a row payload")
 
 
 def _batched(items: Iterable[T], size: int) -> Iterator[list[T]]:

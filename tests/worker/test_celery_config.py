@@ -31,7 +31,7 @@ def test_make_celery_configuration() -> None:
     assert conf.task_default_queue == "screening"
     assert [q.name for q in conf.task_queues] == ["screening"]
     assert conf.task_routes[TASK_NAME]["queue"] == "screening"
-    assert conf.worker_send_task_events is True and conf.task_send_sent_event is True
+    assert conf.worker_send_task_events is True and conf.task_send_sent_event is False
     assert conf.broker_connection_retry_on_startup is True
 
 
