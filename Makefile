@@ -18,7 +18,6 @@ DEMO_ARCHS ?= --arch resnet18 --arch resnet50 --arch squeezenet1_1 --arch densen
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
