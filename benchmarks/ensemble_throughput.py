@@ -277,6 +277,7 @@ def main() -> None:
         if args.compile:
             overrides["compile"] = True
         settings = Settings(**overrides)  # type: ignore[arg-type]
+        torch_default_threads = torch.get_num_threads()  # what the original code ran with
         ensemble = Ensemble.from_bundle(
             bundle, device=str(device), precision=args.precision, settings=settings
         )
@@ -296,7 +297,9 @@ def main() -> None:
         variants: dict[str, Callable[[], float]] = {}
         if not args.no_reference:
             ref_paths = paths[: args.reference_images] if args.reference_images else paths
-            variants["reference"] = reference_runner(bundle, ref_paths, device)
+            variants["reference"] = with_torch_threads(
+                torch_default_threads, reference_runner(bundle, ref_paths, device)
+            )
         variants["decode"] = decode_runner(paths, settings.decode_threads)
         for size in sizes:
             batch = collate([uint8[i % len(uint8)] for i in range(size)])
