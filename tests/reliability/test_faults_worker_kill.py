@@ -37,7 +37,7 @@ from tests.fixtures.faults import (
     preload_torch_hook,
     register_job,
     send_chunks,
-    spawn_worker,
+    start_fault_worker,
     wait_for_job,
 )
 from tests.fixtures.images import xray_png_bytes
@@ -123,7 +123,7 @@ def test_worker_sigkilled_five_times_during_one_job(
     starts = iter(range(100))
 
     def start() -> ServiceProcess:
-        service = spawn_worker(env, tmp_path / f"worker-{next(starts)}.log", wait_ready=False)
+        service = start_fault_worker(env, tmp_path / f"worker-{next(starts)}.log", wait_ready=False)
         started_workers.append(service)
         return service
 
