@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 import uuid
 from collections.abc import Iterator
 from functools import partial
@@ -69,8 +70,25 @@ def chunk_in_hand(log: str) -> tuple[str, int] | None:
     return current[0], current[1]
 
 
-def lost_more(worker: ServiceProcess, before: int) -> bool:
-    return worker.log().count("WorkerLostError(") > before
+def kill_outcome(worker: ServiceProcess, lost_before: int, task: str) -> str | None:
+    """After SIGKILLing the pool process that was scoring ``task``: "lost" once the worker reports the chunk
+    lost, "missed" when the chunk had already finished (the log is read a moment before the kill lands),
+    None while neither shows yet."""
+    log = worker.log()
+    if log.count("WorkerLostError(") > lost_before:
+        return "lost"
+    if f"score_chunk[{task}] succeeded" in log:
+        return "missed"
+    return None
+
+
+def wait_for_outcome(worker: ServiceProcess, lost_before: int, task: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while (outcome := kill_outcome(worker, lost_before, task)) is None:
+        if time.monotonic() > deadline:
+            pytest.fail(f"no report of the killed pool process after {timeout:.0f}s:\n{worker.log()[-6000:]}")
+        time.sleep(0.1)
+    return outcome
 
 
 def find_victim(
@@ -133,16 +151,20 @@ def test_worker_sigkilled_five_times_during_one_job(
     send_chunks(env["DEEPCOVID_BROKER_URL"], env["DEEPCOVID_QUEUE"], job_id, stack.bundle_id, uris, CHUNK)
 
     kills: list[tuple[str, str, int]] = []  # (kind, chunk in hand, images done at the kill)
+    missed = 0  # child kills that landed just after the chunk finished: not counted, tried again
     done_at_last_kill = 0
-    for kind in SCHEDULE:
+    while len(kills) < len(SCHEDULE):
+        kind = SCHEDULE[len(kills)]
         find = partial(find_victim, stack, worker, done_at_last_kill, uris, len(kills))
         task, pid, done = wait_for(find, 150, f"a chunk being scored for kill {len(kills) + 1}", 0.05)  # type: ignore[misc]
         if kind == "child":
             lost_before = worker.log().count("WorkerLostError(")
             os.kill(pid, signal.SIGKILL)
-            wait_for(
-                partial(lost_more, worker, lost_before), 30, "the worker to report its pool process lost"
-            )
+            outcome = wait_for_outcome(worker, lost_before, task, timeout=60)
+            if outcome == "missed":
+                missed += 1
+                assert missed <= 5, "five kills in a row landed between chunks: make the chunks slower"
+                continue
         else:
             worker.kill()
             retired.append(worker)
