@@ -20,7 +20,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -42,17 +43,45 @@ Precision = Literal["auto", "fp32", "fp16", "bf16"]
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
-def cpu_inference_threads(configured: int, device: torch.device) -> int:
-    """Threads for CPU inference: the configured count, or all cores but one so decoding keeps a core.
+# One image through each network on one CPU core, in ms (AMD EPYC, AVX2, fp32, batch 16, BatchNorm
+# folded). Only the ratios matter: they balance the networks across CPU streams.
+CPU_COST_MS = {"resnet18": 18.0, "resnet50": 51.0, "squeezenet1_1": 5.0, "densenet121": 45.0}
 
-    Measured on 2 cores (docs/performance.md): decode threads and torch threads competing for both
-    cores cost ~20% of throughput; one torch thread beside the decoders matched the compute ceiling.
+
+def cpu_streams(configured: int, networks: int, device: torch.device) -> int:
+    """How many networks run at the same time on CPU: the configured count, else one per core (at most
+    one per network). Always 1 on CUDA, where kernels are queued asynchronously anyway.
+
+    Whole networks side by side, each on its own core, beat one network at a time over all cores:
+    OpenMP's per-layer barriers wait for whichever core the decode threads preempted (docs/performance.md).
     """
+    if device.type != "cpu" or networks < 2:
+        return 1
+    wanted = configured if configured > 0 else (os.cpu_count() or 1)
+    return max(1, min(wanted, networks))
+
+
+def cpu_inference_threads(configured: int, device: torch.device, streams: int = 1) -> int:
+    """Torch threads per CPU stream: the configured count, else the cores shared out between streams."""
     if configured > 0:
         return configured
     if device.type != "cpu":
         return 0
-    return max(1, (os.cpu_count() or 2) - 1)
+    return max(1, (os.cpu_count() or 1) // max(1, streams))
+
+
+def partition_networks(architectures: Sequence[str], streams: int) -> list[tuple[str, ...]]:
+    """Split the networks into ``streams`` groups of about equal CPU cost (longest first, to the
+    cheapest group), each group keeping the ensemble's order."""
+    groups: list[list[str]] = [[] for _ in range(max(1, min(streams, len(architectures))))]
+    loads = [0.0] * len(groups)
+    default = max(CPU_COST_MS.values())
+    for arch in sorted(architectures, key=lambda a: -CPU_COST_MS.get(a, default)):
+        k = loads.index(min(loads))
+        groups[k].append(arch)
+        loads[k] += CPU_COST_MS.get(arch, default)
+    order = {arch: i for i, arch in enumerate(architectures)}
+    return [tuple(sorted(group, key=order.__getitem__)) for group in groups]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -162,8 +191,33 @@ def combine(
     )
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX); elsewhere oneDNN emulates bf16,
+    which is slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line for line in fh if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def check_batch(count: int = 8, seed: int = 0) -> np.ndarray:
+    """A fixed uint8 ``[count,3,224,224]`` batch of smooth X-ray-like shapes with noise: the input on which
+    bf16 is compared with fp32 at load time (no patient image is needed for that)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:224, 0:224] / 223.0
+    out = np.empty((count, 3, 224, 224), dtype=np.uint8)
+    for i in range(count):
+        a, b, c = rng.uniform(0.2, 1.0, 3)
+        img = 0.5 + 0.3 * np.sin(6 * a * xx + 3 * b * yy) * np.cos(4 * c * yy)
+        img += rng.normal(0, 0.05, img.shape)
+        out[i] = (np.clip(img, 0, 1) * 255).astype(np.uint8)
+    return out
+
+
 def _autocast_dtype(device: torch.device, precision: str, settings: Settings) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32."""
+    """The autocast dtype, or None for plain fp32. On CPU ``auto`` follows ``settings.cpu_bf16``."""
     import torch
 
     if precision not in PRECISIONS:
@@ -172,11 +226,12 @@ def _autocast_dtype(device: torch.device, precision: str, settings: Settings) ->
         return None
     if device.type == "cuda":
         return torch.bfloat16 if precision == "bf16" else torch.float16
-    # CPU: fp32 unless bf16 is asked for (it measurably shifts probabilities; see tests).
-    if precision == "bf16" or (precision == "auto" and settings.cpu_bf16):
-        return torch.bfloat16
     if precision == "fp16":
         raise ValueError("fp16 is only supported on CUDA; use fp32 or bf16 on CPU")
+    if precision == "bf16" or (precision == "auto" and settings.cpu_bf16 == "on"):
+        return torch.bfloat16
+    if precision == "auto" and settings.cpu_bf16 == "auto" and cpu_has_native_bf16():
+        return torch.bfloat16  # kept only if the load check passes (Ensemble.from_bundle)
     return None
 
 
@@ -189,12 +244,17 @@ class Ensemble:
         networks: Mapping[str, nn.Module],
         device: torch.device,
         autocast_dtype: torch.dtype | None,
+        streams: int = 1,
     ) -> None:
         self.bundle = bundle
         self.networks = dict(networks)
         self.device = device
         self.autocast_dtype = autocast_dtype
         self.architectures = tuple(self.networks)
+        self.groups = partition_networks(self.architectures, streams)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
+        self.bf16_drift: float | None = None  # measured at load when bf16 was chosen automatically
         self.thresholds = {arch: bundle.thresholds[arch] for arch in self.architectures}
         self.policy = bundle.ensemble_policy
         self.ensemble_threshold = bundle.ensemble_threshold
@@ -229,7 +289,8 @@ class Ensemble:
             bundle = load_bundle(bundle)
         _check_preprocessing(bundle, INPUT_SIZE, IMAGENET_MEAN, IMAGENET_STD)
         target = resolve_device(device)
-        threads = cpu_inference_threads(settings.torch_threads, target)
+        streams = cpu_streams(settings.cpu_streams, len(bundle.architectures), target)
+        threads = cpu_inference_threads(settings.torch_threads, target, streams)
         if threads:
             torch.set_num_threads(threads)
         dtype = _autocast_dtype(target, precision, settings)
@@ -241,7 +302,36 @@ class Ensemble:
             if settings.compile and target.type == "cuda":
                 model = torch.compile(model)
             networks[arch] = model
-        return cls(bundle, networks, target, dtype)
+        ensemble = cls(bundle, networks, target, dtype, streams)
+        if dtype is not None and target.type == "cpu" and precision == "auto" and settings.cpu_bf16 == "auto":
+            ensemble.bf16_drift = ensemble.precision_drift()
+            if ensemble.bf16_drift > settings.bf16_tolerance:
+                log.warning(
+                    "bf16 moves this bundle's probabilities by up to %.4f (tolerance %.4f): scoring in fp32",
+                    ensemble.bf16_drift,
+                    settings.bf16_tolerance,
+                )
+                ensemble.autocast_dtype = None
+            else:
+                log.info(
+                    "scoring in bf16: probabilities within %.4f of fp32 on the check batch",
+                    ensemble.bf16_drift,
+                )
+        return ensemble
+
+    def precision_drift(self) -> float:
+        """Largest |autocast - fp32| COVID probability over ``check_batch()``, any network."""
+        import torch
+
+        batch = torch.from_numpy(check_batch())
+        dtype = self.autocast_dtype
+        try:
+            self.autocast_dtype = None
+            exact = self.probabilities(batch)
+        finally:
+            self.autocast_dtype = dtype
+        fast = self.probabilities(batch)
+        return max(float(np.abs(fast[arch] - exact[arch]).max()) for arch in self.architectures)
 
     def _prepare(self, batch: torch.Tensor) -> torch.Tensor:
         import torch
@@ -260,6 +350,15 @@ class Ensemble:
             batch = batch.to(self.device)
         return normalize(batch)
 
+    @property
+    def label(self) -> str:
+        """Device and precision, stored with every prediction: ``cpu bfloat16``, ``cuda:0 float16``."""
+        return f"{self.device} {self.precision}"
+
+    @property
+    def streams(self) -> int:
+        return len(self.groups)
+
     def probabilities(self, batch: torch.Tensor) -> dict[str, np.ndarray]:
         """Each network's COVID probability for every image of a uint8 ``[B,3,224,224]`` batch."""
         import torch
@@ -267,19 +366,38 @@ class Ensemble:
         if batch.shape[0] == 0:
             return {arch: np.zeros(0, dtype=np.float64) for arch in self.architectures}
         inputs = self._prepare(batch)
+        if len(self.groups) == 1:
+            covid = self._run_group(self.architectures, inputs)
+        else:
+            pool = self._executor()
+            futures = [pool.submit(self._run_group, group, inputs) for group in self.groups]
+            by_arch: dict[str, torch.Tensor] = {}
+            for group, future in zip(self.groups, futures, strict=True):
+                by_arch.update(zip(group, future.result(), strict=True))
+            covid = torch.stack([by_arch[arch] for arch in self.architectures])
+        covid = covid.to("cpu", dtype=torch.float64).numpy()  # one device sync for all networks
+        return {arch: covid[i] for i, arch in enumerate(self.architectures)}
+
+    def _run_group(self, architectures: Sequence[str], inputs: torch.Tensor) -> torch.Tensor:
+        """COVID probabilities ``[networks, B]`` of some networks; inference mode and autocast are per
+        thread, so each stream enters them itself."""
+        import torch
+
         autocast = (
             torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
             if self.autocast_dtype is not None
             else contextlib.nullcontext()
         )
-        with torch.inference_mode():
-            outputs = []
-            with autocast:
-                for arch in self.architectures:
-                    outputs.append(self.networks[arch](inputs))
-            covid = torch.stack([torch.softmax(out.float(), dim=1)[:, COVID_INDEX] for out in outputs])
-            covid = covid.to("cpu", dtype=torch.float64).numpy()  # one device sync for all networks
-        return {arch: covid[i] for i, arch in enumerate(self.architectures)}
+        with torch.inference_mode(), autocast:
+            outputs = [self.networks[arch](inputs) for arch in architectures]
+            return torch.stack([torch.softmax(out.float(), dim=1)[:, COVID_INDEX] for out in outputs])
+
+    def _executor(self) -> ThreadPoolExecutor:
+        # A pool made before a fork has no threads in the child: make a new one there.
+        if self._pool is None or self._pool_pid != os.getpid():
+            self._pool = ThreadPoolExecutor(len(self.groups), thread_name_prefix="deepcovid-stream")
+            self._pool_pid = os.getpid()
+        return self._pool
 
     def score(self, batch: torch.Tensor) -> ScoreBatch:
         """Probabilities, per-network decisions and the ensemble decision for one uint8 batch."""

@@ -42,8 +42,12 @@ class Settings(BaseSettings):
     batch_size: int = 32
     decode_threads: int = Field(default_factory=lambda: os.cpu_count() or 2)
     chunk_size: int = 256
-    cpu_bf16: bool = False  # only where the tested tolerance holds; fp32 otherwise
-    torch_threads: int = 0  # 0: on CPU all cores but one (decoding keeps one); on CUDA torch decides
+    # bf16 on CPU. auto: where the CPU computes bf16 natively and the bundle's probabilities stay within
+    # bf16_tolerance of fp32 on a check batch at load time; on: always; off: fp32.
+    cpu_bf16: Literal["auto", "on", "off"] = "auto"
+    bf16_tolerance: float = 0.01  # largest |bf16 - fp32| COVID probability accepted by the load check
+    cpu_streams: int = 0  # networks run side by side on CPU; 0: one per core (at most one per network)
+    torch_threads: int = 0  # per CPU stream; 0: the cores shared out between streams; on CUDA torch decides
     compile: bool = False  # torch.compile on CUDA
 
     # Input limits: refuse before decoding rather than exhaust memory.
@@ -64,6 +68,19 @@ class Settings(BaseSettings):
     retry_backoff_max: int = 300
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("cpu_bf16", mode="before")
+    @classmethod
+    def _bf16_switch(cls, value: object) -> object:
+        """Booleans (``true``/``1``/``false``/``0``) as well as auto/on/off."""
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, str):
+            word = value.strip().lower()
+            return {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}.get(
+                word, word
+            )
+        return value
 
     @field_validator("storage_roots", mode="before")
     @classmethod

@@ -235,7 +235,7 @@ def screen(
 
         storage = open_storage(settings, extra_roots=extra_roots)
         ensemble = Ensemble.from_bundle(loaded, device=settings.device, settings=settings)
-        summary.device = str(ensemble.device)
+        summary.device = ensemble.label
         if on_start is not None:
             on_start(summary)
         host = socket.gethostname()

@@ -168,7 +168,7 @@ def run_chunk(
 
     ensemble = _ensemble_for(bundle_id, settings)
     host = socket.gethostname()
-    device = str(ensemble.device)
+    device = ensemble.label
 
     def write(results: list[ImageResult]) -> None:
         write_results(

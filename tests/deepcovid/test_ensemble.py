@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from deepcovid.bundle import MANIFEST, Bundle, BundleError, compute_bundle_id, load_bundle
-from deepcovid.ensemble import Ensemble, ScoreBatch, combine, resolve_device
+from deepcovid.ensemble import Ensemble, ScoreBatch, check_batch, combine, resolve_device
 from deepcovid.networks import ARCHITECTURES
 
 # bf16 autocast on CPU moved COVID probabilities by at most 0.009 (random-weight networks, real CXRs);
@@ -21,16 +21,7 @@ BF16_TOLERANCE = 0.05
 
 def xray_like_batch(count: int, seed: int = 0) -> torch.Tensor:
     """uint8 [B,3,224,224]: smooth gray structures plus noise, the same image in all three channels."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:224, 0:224] / 223.0
-    images = []
-    for _ in range(count):
-        a, b, c = rng.uniform(0.2, 1.0, 3)
-        img = 0.5 + 0.3 * np.sin(6 * a * xx + 3 * b * yy) * np.cos(4 * c * yy)
-        img += rng.normal(0, 0.05, img.shape)
-        gray = (np.clip(img, 0, 1) * 255).astype(np.uint8)
-        images.append(np.repeat(gray[None], 3, axis=0))
-    return torch.from_numpy(np.stack(images))
+    return torch.from_numpy(check_batch(count, seed))
 
 
 @pytest.fixture(scope="module")
@@ -192,8 +183,9 @@ def test_bf16_on_cpu_stays_close_to_fp32(small_bundle: Bundle) -> None:
 def test_cpu_precision_defaults_to_fp32_and_refuses_fp16(small_bundle: Bundle) -> None:
     from deepcovid.settings import Settings
 
-    assert Ensemble.from_bundle(small_bundle, "cpu", settings=Settings(cpu_bf16=False)).precision == "fp32"
-    assert Ensemble.from_bundle(small_bundle, "cpu", settings=Settings(cpu_bf16=True)).precision == "bfloat16"
+    assert Ensemble.from_bundle(small_bundle, "cpu", settings=Settings(cpu_bf16="off")).precision == "fp32"
+    assert Ensemble.from_bundle(small_bundle, "cpu", settings=Settings(cpu_bf16="on")).precision == "bfloat16"
+    assert Settings(cpu_bf16=False).cpu_bf16 == "off" and Settings(cpu_bf16="TRUE").cpu_bf16 == "on"
     with pytest.raises(ValueError, match="fp16 is only supported on CUDA"):
         Ensemble.from_bundle(small_bundle, "cpu", "fp16")
 
@@ -217,3 +209,48 @@ def test_cuda_half_precision_matches_fp32(full_bundle: Bundle) -> None:
     fp16 = half.probabilities(batch)
     for arch in ARCHITECTURES:
         assert np.abs(fp32[arch] - fp16[arch]).max() < 0.02, arch
+
+
+# --- bf16 chosen automatically on CPUs with bf16 instructions ------------------------------------
+
+
+def test_auto_bf16_needs_bf16_instructions(small_bundle: Bundle, monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepcovid import ensemble as ensemble_module
+    from deepcovid.settings import Settings
+
+    monkeypatch.setattr(ensemble_module, "cpu_has_native_bf16", lambda: False)
+    plain = Ensemble.from_bundle(small_bundle, "cpu", settings=Settings(cpu_bf16="auto"))
+    assert plain.precision == "fp32" and plain.bf16_drift is None and plain.label == "cpu fp32"
+
+    monkeypatch.setattr(ensemble_module, "cpu_has_native_bf16", lambda: True)
+    fast = Ensemble.from_bundle(small_bundle, "cpu", settings=Settings(cpu_bf16="auto"))
+    assert fast.precision == "bfloat16" and fast.label == "cpu bfloat16"
+    assert fast.bf16_drift is not None and 0 < fast.bf16_drift <= Settings().bf16_tolerance
+    # Asked for explicitly, fp32 is what it gets on any CPU.
+    assert (
+        Ensemble.from_bundle(small_bundle, "cpu", "fp32", settings=Settings(cpu_bf16="auto")).precision
+        == "fp32"
+    )
+
+
+def test_auto_bf16_falls_back_to_fp32_when_the_bundle_drifts(
+    small_bundle: Bundle, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from deepcovid import ensemble as ensemble_module
+    from deepcovid.settings import Settings
+
+    monkeypatch.setattr(ensemble_module, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(Ensemble, "precision_drift", lambda self: 0.2)
+    with caplog.at_level("WARNING", logger="deepcovid.ensemble"):
+        ensemble = Ensemble.from_bundle(small_bundle, "cpu", settings=Settings(cpu_bf16="auto"))
+    assert ensemble.precision == "fp32" and ensemble.bf16_drift == 0.2
+    assert "scoring in fp32" in caplog.text
+
+
+def test_precision_drift_compares_with_fp32_and_restores_the_precision(small_bundle: Bundle) -> None:
+    from deepcovid.settings import Settings
+
+    ensemble = Ensemble.from_bundle(small_bundle, "cpu", "bf16", settings=Settings())
+    drift = ensemble.precision_drift()
+    assert 0 < drift <= BF16_TOLERANCE and ensemble.precision == "bfloat16"
+    assert Ensemble.from_bundle(small_bundle, "cpu", "fp32").precision_drift() == 0.0

@@ -175,7 +175,7 @@ def test_worker_scores_a_mixed_chunk(
     assert prediction_counts(migrated_engine, tiny_bundle_id, uris) == {u: 1 for u in good}
     with migrated_engine.connect() as conn:
         written_by = conn.execute(sa.select(Prediction.worker_host, Prediction.device)).all()
-    assert all(host for host, _ in written_by) and {device for _, device in written_by} == {"cpu"}
+    assert all(host for host, _ in written_by) and {device for _, device in written_by} == {"cpu fp32"}
     wait_for(lambda: job_state(migrated_engine, job_id) == "finished", 30, "the job to be finished")
     wait_for(lambda: "succeeded" in worker.log(), 30, "the task success log line")
     log = worker.log()
