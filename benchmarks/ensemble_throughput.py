@@ -342,12 +342,18 @@ def main() -> None:
                 batch_size = int(name.split("/")[1])
                 counts[name] = max(1, -(-len(paths) // batch_size)) * batch_size
         cpu_per_image = {name: [t / counts[name] for t in times] for name, times in cpu.items()}
-        print_table(rates, sizes, len(paths), cpu_per_image)
+        cores = (os.cpu_count() or 1) if device.type == "cpu" else None
+        print_table(rates, sizes, len(paths), cpu_per_image, cores)
 
 
 def print_table(
-    rates: dict[str, list[float]], sizes: list[int], count: int, cpu_per_image: dict[str, list[float]]
+    rates: dict[str, list[float]],
+    sizes: list[int],
+    count: int,
+    cpu_per_image: dict[str, list[float]],
+    cores: int | None = None,
 ) -> None:
+    """The table; with ``cores`` (CPU runs) also the rate the cores allow when they decode and compute."""
     ref = median(rates["reference"]) if "reference" in rates else float("nan")
     decode_rate = median(rates["decode"])
     print()
@@ -377,6 +383,14 @@ def print_table(
         for key in sorted(k for k in rates if k.startswith(f"worker/{size}/dt")):
             row(f"  worker with decode_threads {key.rsplit('/dt', 1)[1]}", str(size), key, ceiling)
         row("compute ceiling: Ensemble.score, no decode", str(size), f"ceiling/{size}")
+        if cores and f"ceiling/{size}" in cpu_per_image and "decode" in cpu_per_image:
+            # On CPU decoding shares the cores with the networks: this is the most end to end can reach.
+            both = median(cpu_per_image[f"ceiling/{size}"]) + median(cpu_per_image["decode"])
+            worker = median(rates[f"worker/{size}"])
+            print(
+                f"{'  cores ceiling: cores / (compute + decode CPU s)':<44}{size:>6}{cores / both:>10.2f}"
+                f"{'':>16}{'':>13}{worker / (cores / both):>12.0%}  (worker's share)"
+            )
         for key in sorted(k for k in rates if k.startswith(f"worker/{size}/torch")):
             threads = key.rsplit("/torch", 1)[1]
             thread_ceiling = median(rates[f"ceiling/{size}/torch{threads}"])
@@ -389,7 +403,8 @@ def print_table(
             row("  eager networks (no BN folding)", str(size), f"eager/{size}", ceiling)
     print(
         f"(images per round: {count}; 'of ceiling': share of the compute ceiling at the same batch size; "
-        "'of decode': share of the decode-only rate; 'CPU s/img': process CPU time per image, all threads)"
+        "'of decode': share of the decode-only rate; 'CPU s/img': process CPU time per image, all threads; "
+        "'cores ceiling': the rate the CPU cores allow when they both decode and run the networks)"
     )
 
 

@@ -90,6 +90,8 @@ def main() -> None:
     from db.queries import job_progress
     from db.registry import register_bundle, set_active
     from deepcovid.bundle import install_bundle, load_bundle
+    from deepcovid.ensemble import resolve_device
+    from deepcovid.pipeline import batch_size_for
     from deepcovid.queue import make_celery
     from deepcovid.settings import Settings
     from producer.enqueue import enqueue
@@ -186,9 +188,10 @@ def main() -> None:
                 return len(paths) / (end - start)
 
             print(describe(args.device))
+            batch = batch_size_for(celery_settings, resolve_device(args.device))
             print(
                 f"images  : {len(paths)} x {args.size}x{args.size} 8-bit gray PNG ({origin}); "
-                f"batch {celery_settings.batch_size}, decode_threads {celery_settings.decode_threads}, "
+                f"batch {batch}, decode_threads {celery_settings.decode_threads}, "
                 f"chunk {celery_settings.chunk_size}; medians of {args.repeats} interleaved rounds"
             )
             print(f"celery  : worker --pool solo, queue {queue} on {args.redis}, PostgreSQL db {database}")

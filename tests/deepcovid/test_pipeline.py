@@ -202,3 +202,13 @@ def test_info_logs_hold_counts_not_uris(
 def test_empty_chunk(ensemble: Any, tmp_path: Path) -> None:
     settings = settings_for(tmp_path)
     assert score_chunk([], storage=open_storage(settings), ensemble=ensemble, settings=settings) == []
+
+
+def test_batch_size_defaults_per_device() -> None:
+    import torch
+
+    from deepcovid.pipeline import batch_size_for
+
+    assert batch_size_for(Settings(batch_size=0), torch.device("cpu")) == 16
+    assert batch_size_for(Settings(batch_size=0), torch.device("cuda")) == 64
+    assert batch_size_for(Settings(batch_size=5), torch.device("cuda")) == 5
