@@ -16,19 +16,8 @@ import numpy as np
 import torch
 
 from deepcovid.bundle import load_bundle, save_bundle
-from deepcovid.ensemble import Ensemble, resolve_device
+from deepcovid.ensemble import Ensemble, check_batch, resolve_device
 from deepcovid.networks import ARCHITECTURES, build_network
-
-
-def _batch(size: int) -> torch.Tensor:
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:224, 0:224] / 223.0
-    images = []
-    for _ in range(size):
-        a, b = rng.uniform(0.2, 1.0, 2)
-        gray = np.clip(0.5 + 0.3 * np.sin(6 * a * xx + 3 * b * yy) + rng.normal(0, 0.05, xx.shape), 0, 1)
-        images.append(np.repeat((gray * 255).astype(np.uint8)[None], 3, axis=0))
-    return torch.from_numpy(np.stack(images))
 
 
 def main() -> None:
@@ -52,7 +41,7 @@ def main() -> None:
             precisions += ["fp16", "bf16"]
         elif args.bf16:
             precisions.append("bf16")
-        batch = _batch(args.batch)
+        batch = torch.from_numpy(check_batch(args.batch))
         reference: dict[str, np.ndarray] | None = None
         print(
             f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
