@@ -361,20 +361,48 @@ def _dicom_array(ds: Any) -> np.ndarray:
 
 
 def _dicom_gray(ds: Any, photometric: str) -> np.ndarray:
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
     arr = _dicom_array(ds)
     if arr.ndim != 2:
         raise DecodeError("unsupported_dicom", f"grayscale pixel array of shape {arr.shape}")
+    if arr.dtype.kind in "iu" and arr.dtype.itemsize == 2:
+        out = _integer_pixels_to_uint8(arr, ds)
+    else:
+        out = scale_to_uint8(_display_values(arr, ds))
+    if photometric == "MONOCHROME1":
+        np.subtract(255, out, out=out)
+    return out
+
+
+def _display_values(arr: np.ndarray, ds: Any) -> np.ndarray:
+    """Modality LUT (or rescale), then the first VOI LUT or window; element by element."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
     arr = apply_modality_lut(arr, ds)
     if "VOILUTSequence" in ds or "WindowCenter" in ds:
         # A broken window is metadata damage; the data range still displays the image.
         with contextlib.suppress(Exception):
             arr = apply_voi_lut(arr, ds, index=0, prefer_lut=True)
-    out = scale_to_uint8(arr)
-    if photometric == "MONOCHROME1":
-        np.subtract(255, out, out=out)
-    return out
+    return arr
+
+
+def _integer_pixels_to_uint8(arr: np.ndarray, ds: Any) -> np.ndarray:
+    """``scale_to_uint8(_display_values(arr, ds))`` with the same result, through one lookup table.
+
+    The display transforms work element by element, so they are applied to every possible stored value
+    (65,536) instead of to millions of pixels in float64; the min..max scaling uses only the values the
+    image holds. For 16-bit pixels only (8-bit data without a VOI is kept as stored by scale_to_uint8).
+    """
+    unsigned = np.dtype(np.uint16)
+    domain = np.arange(1 << 16, dtype=np.uint16).view(arr.dtype)
+    values = np.asarray(_display_values(domain, ds), dtype=np.float64)
+    values = np.where(np.isfinite(values), values, 0.0)
+    indices = arr.view(unsigned)
+    present = np.bincount(indices.ravel(), minlength=domain.size) > 0
+    lo, hi = float(values[present].min()), float(values[present].max())
+    if not hi > lo:
+        return np.zeros(arr.shape, np.uint8)
+    lut = np.clip(np.rint((values - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+    return lut[indices]
 
 
 def _dicom_audit(ds: Any) -> dict[str, str]:

@@ -493,3 +493,36 @@ def test_shared_dicom_files_decode_except_the_malformed_one() -> None:
     with pytest.raises(DecodeError) as caught:
         decode_path(root / "dicom" / "966.dcm")
     assert caught.value.reason == "corrupt"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"window": (1500.0, 1200.0)},
+        {"signed": True, "rescale": (1.0, -1024.0), "window": (40.0, 400.0)},
+        {"rescale": (0.37, 12.5)},
+        {"photometric": "MONOCHROME1", "window": (2048.0, 4096.0)},
+        {"bits_stored": 16, "window": (30000.0, 20000.0)},
+        {"pixels": np.full((32, 48), 700, dtype=np.uint16)},
+    ],
+    ids=[
+        "plain",
+        "window",
+        "signed-rescale-window",
+        "fractional-rescale",
+        "monochrome1",
+        "16-bit",
+        "constant",
+    ],
+)
+def test_16_bit_dicom_lookup_table_matches_the_float_path(options: dict[str, object]) -> None:
+    """The one-lookup-table path for 16-bit DICOM pixels gives exactly the per-pixel float64 result."""
+    from pydicom import dcmread
+
+    from deepcovid.decode import _display_values, _integer_pixels_to_uint8, scale_to_uint8
+
+    ds = dcmread(io.BytesIO(dicom_bytes(size=(48, 32), **options)))  # type: ignore[arg-type]
+    arr = ds.pixel_array
+    assert arr.dtype.itemsize == 2
+    np.testing.assert_array_equal(_integer_pixels_to_uint8(arr, ds), scale_to_uint8(_display_values(arr, ds)))
