@@ -203,8 +203,8 @@ def cpu_has_native_bf16() -> bool:
 
 
 def check_batch(count: int = 8, seed: int = 0) -> np.ndarray:
-    """A fixed uint8 ``[count,3,224,224]`` batch of smooth X-ray-like shapes with noise: the input on which
-    bf16 is compared with fp32 at load time (no patient image is needed for that)."""
+    """A fixed uint8 ``[count,3,224,224]`` batch of smooth X-ray-like shapes with noise, for tests and
+    benchmarks that need realistic-looking input without patient images."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:224, 0:224] / 223.0
     out = np.empty((count, 3, 224, 224), dtype=np.uint8)
@@ -216,8 +216,23 @@ def check_batch(count: int = 8, seed: int = 0) -> np.ndarray:
     return out
 
 
-def _autocast_dtype(device: torch.device, precision: str, settings: Settings) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32. On CPU ``auto`` follows ``settings.cpu_bf16``."""
+BF16_CHECK_KEY = "bf16_max_abs_diff"  # in a bundle's validation metrics: per network, measured by `train`
+
+
+def validated_bf16_drift(bundle: Bundle) -> float | None:
+    """The largest bf16-vs-fp32 change of a COVID probability that training measured on this bundle's
+    validation images (any network), or None when the bundle carries no such check."""
+    recorded = bundle.metrics.get("validation", {}).get(BF16_CHECK_KEY)
+    if not isinstance(recorded, dict) or any(arch not in recorded for arch in bundle.architectures):
+        return None
+    return max(float(recorded[arch]) for arch in bundle.architectures)
+
+
+def _autocast_dtype(
+    device: torch.device, precision: str, settings: Settings, bundle: Bundle | None = None
+) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32. On CPU ``auto`` follows ``settings.cpu_bf16``: in its
+    ``auto`` mode bf16 needs bf16 instructions and a bundle validated in bf16 within the tolerance."""
     import torch
 
     if precision not in PRECISIONS:
@@ -228,11 +243,48 @@ def _autocast_dtype(device: torch.device, precision: str, settings: Settings) ->
         return torch.bfloat16 if precision == "bf16" else torch.float16
     if precision == "fp16":
         raise ValueError("fp16 is only supported on CUDA; use fp32 or bf16 on CPU")
-    if precision == "bf16" or (precision == "auto" and settings.cpu_bf16 == "on"):
+    if precision == "bf16" or settings.cpu_bf16 == "on":
         return torch.bfloat16
-    if precision == "auto" and settings.cpu_bf16 == "auto" and cpu_has_native_bf16():
-        return torch.bfloat16  # kept only if the load check passes (Ensemble.from_bundle)
-    return None
+    if settings.cpu_bf16 == "off" or not cpu_has_native_bf16():
+        return None
+    drift = validated_bf16_drift(bundle) if bundle is not None else None
+    if drift is None:
+        log.info("scoring in fp32: the bundle records no bf16 check on validation images")
+        return None
+    if drift > settings.bf16_tolerance:
+        log.info(
+            "scoring in fp32: bf16 moved validation probabilities by up to %.4f (tolerance %.4f)",
+            drift,
+            settings.bf16_tolerance,
+        )
+        return None
+    log.info("scoring in bf16: validated within %.4f of fp32 on the bundle's validation images", drift)
+    return torch.bfloat16
+
+
+def precision_drift(
+    networks: Mapping[str, nn.Module],
+    images: torch.Tensor,
+    dtype: torch.dtype,
+    device: torch.device,
+    batch_size: int = 32,
+) -> dict[str, float]:
+    """Per network, the largest |autocast(dtype) - fp32| COVID probability over uint8 ``images``."""
+    import torch
+
+    from deepcovid.preprocess import normalize
+
+    worst = dict.fromkeys(networks, 0.0)
+    with torch.inference_mode():
+        for start in range(0, int(images.shape[0]), batch_size):
+            inputs = normalize(images[start : start + batch_size].to(device))
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+            for arch, model in networks.items():
+                exact = torch.softmax(model(inputs).float(), dim=1)[:, COVID_INDEX]
+                with torch.autocast(device_type=device.type, dtype=dtype):
+                    fast = torch.softmax(model(inputs).float(), dim=1)[:, COVID_INDEX]
+                worst[arch] = max(worst[arch], float((fast - exact).abs().max()))
+    return worst
 
 
 class Ensemble:
@@ -254,7 +306,7 @@ class Ensemble:
         self.groups = partition_networks(self.architectures, streams)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
-        self.bf16_drift: float | None = None  # measured at load when bf16 was chosen automatically
+        self.bf16_drift: float | None = None  # what training measured, when scoring in bf16 on CPU
         self.thresholds = {arch: bundle.thresholds[arch] for arch in self.architectures}
         self.policy = bundle.ensemble_policy
         self.ensemble_threshold = bundle.ensemble_threshold
@@ -293,7 +345,7 @@ class Ensemble:
         threads = cpu_inference_threads(settings.torch_threads, target, streams)
         if threads:
             torch.set_num_threads(threads)
-        dtype = _autocast_dtype(target, precision, settings)
+        dtype = _autocast_dtype(target, precision, settings, bundle)
         networks: dict[str, nn.Module] = {}
         for arch, model in load_networks(bundle).items():
             model = fold_batchnorm(model.eval())
@@ -303,35 +355,9 @@ class Ensemble:
                 model = torch.compile(model)
             networks[arch] = model
         ensemble = cls(bundle, networks, target, dtype, streams)
-        if dtype is not None and target.type == "cpu" and precision == "auto" and settings.cpu_bf16 == "auto":
-            ensemble.bf16_drift = ensemble.precision_drift()
-            if ensemble.bf16_drift > settings.bf16_tolerance:
-                log.warning(
-                    "bf16 moves this bundle's probabilities by up to %.4f (tolerance %.4f): scoring in fp32",
-                    ensemble.bf16_drift,
-                    settings.bf16_tolerance,
-                )
-                ensemble.autocast_dtype = None
-            else:
-                log.info(
-                    "scoring in bf16: probabilities within %.4f of fp32 on the check batch",
-                    ensemble.bf16_drift,
-                )
+        if dtype is not None and target.type == "cpu":
+            ensemble.bf16_drift = validated_bf16_drift(bundle)
         return ensemble
-
-    def precision_drift(self) -> float:
-        """Largest |autocast - fp32| COVID probability over ``check_batch()``, any network."""
-        import torch
-
-        batch = torch.from_numpy(check_batch())
-        dtype = self.autocast_dtype
-        try:
-            self.autocast_dtype = None
-            exact = self.probabilities(batch)
-        finally:
-            self.autocast_dtype = dtype
-        fast = self.probabilities(batch)
-        return max(float(np.abs(fast[arch] - exact[arch]).max()) for arch in self.architectures)
 
     def _prepare(self, batch: torch.Tensor) -> torch.Tensor:
         import torch

@@ -79,10 +79,18 @@ def train_command(
         bool, typer.Option(help="Also flip COVID images horizontally when augmenting (the paper did).")
     ] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    bf16_check_images: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Validation images scored in bf16 and fp32; CPU workers use bf16 only if they agree."
+        ),
+    ] = 512,
 ) -> None:
     """Fine-tune the networks on labelled X-rays; write a bundle with thresholds chosen on validation data."""
     from deepcovid.bundle import BundleError
+    from deepcovid.ensemble import BF16_CHECK_KEY
     from deepcovid.networks import PretrainedWeightsUnavailable
+    from deepcovid.settings import get_settings
     from training.data import DataError
     from training.train import ResumeError, TrainArgs, main
 
@@ -110,6 +118,7 @@ def train_command(
             workers=workers,
             hflip=hflip,
             progress=progress,
+            bf16_check_images=bf16_check_images,
         )
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise ValueError(f"{out} already exists; choose a new --out")
@@ -122,6 +131,12 @@ def train_command(
     validation = bundle.metrics.get("validation", {})
     for name, auc in (validation.get("auc") or {}).items():
         console.print(f"  validation AUC {name}: {auc if auc is None else f'{auc:.4f}'}", highlight=False)
+    if drift := validation.get(BF16_CHECK_KEY):
+        worst, tolerance = max(drift.values()), get_settings().bf16_tolerance
+        verdict = (
+            "CPU workers with bf16 instructions use bf16" if worst <= tolerance else "workers stay in fp32"
+        )
+        console.print(f"  bf16 vs fp32 on validation: up to {worst:.4f} (tolerance {tolerance}): {verdict}")
 
 
 def evaluate_command(

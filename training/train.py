@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from deepcovid.ensemble import BF16_CHECK_KEY
 from deepcovid.networks import ARCHITECTURES, COVID_INDEX
 from training.checkpoint import load_checkpoint, read_state, save_checkpoint
 from training.data import (
@@ -78,6 +79,7 @@ class TrainArgs:
     recalibrate_bn: bool = True  # with --finetune all: BatchNorm statistics recomputed after each epoch
     deterministic: bool = True
     progress: bool = True
+    bf16_check_images: int = 512  # validation images scored in bf16 and fp32 to record the drift; 0: none
 
     def __post_init__(self) -> None:
         self.data = Path(self.data)
@@ -544,6 +546,8 @@ def main(args: TrainArgs) -> Any:
             "note": "thresholds were chosen on this validation set, so these operating points are optimistic",
         }
     }
+    if args.bf16_check_images > 0:
+        metrics["validation"][BF16_CHECK_KEY] = bf16_check(fits, val, args.bf16_check_images)
     finished_at = datetime.now(timezone.utc)
     provenance = {
         "data_source": str(args.data.resolve()),
@@ -591,6 +595,26 @@ def main(args: TrainArgs) -> Any:
         )
         log.info("test report in %s", report_dir)
     return bundle
+
+
+def bf16_check(fits: dict[str, FitResult], val: DecodedSet, limit: int) -> dict[str, float]:
+    """Per network, the largest bf16-vs-fp32 change of a COVID probability on up to ``limit`` validation
+    images, measured on CPU as workers will run it (BatchNorm folded). Stored in the bundle: a CPU worker
+    scores in bf16 only where this stays within its tolerance (``DEEPCOVID_BF16_TOLERANCE``)."""
+    import copy
+
+    from deepcovid.ensemble import fold_batchnorm, precision_drift
+
+    cpu = torch.device("cpu")
+    served = {
+        arch: fold_batchnorm(copy.deepcopy(fit.model).to(cpu).float().eval()).to(
+            memory_format=torch.channels_last
+        )
+        for arch, fit in fits.items()
+    }
+    drift = precision_drift(served, val.images[:limit], torch.bfloat16, cpu)
+    log.info("bf16 vs fp32 on %d validation images: %s", min(limit, len(val.samples)), drift)
+    return {arch: round(value, 6) for arch, value in drift.items()}
 
 
 def _patient_counts(split: Split) -> dict[str, int] | None:

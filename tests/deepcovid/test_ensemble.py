@@ -211,46 +211,59 @@ def test_cuda_half_precision_matches_fp32(full_bundle: Bundle) -> None:
         assert np.abs(fp32[arch] - fp16[arch]).max() < 0.02, arch
 
 
-# --- bf16 chosen automatically on CPUs with bf16 instructions ------------------------------------
+# --- bf16 chosen automatically: bf16 instructions and a bundle validated in bf16 ------------------
 
 
-def test_auto_bf16_needs_bf16_instructions(small_bundle: Bundle, monkeypatch: pytest.MonkeyPatch) -> None:
-    from deepcovid import ensemble as ensemble_module
-    from deepcovid.settings import Settings
+def _with_bf16_check(bundle: Bundle, out: Path, drift: float) -> Bundle:
+    """A copy of ``bundle`` whose validation metrics record a bf16 check with ``drift`` per network."""
+    from deepcovid.bundle import load_networks, save_bundle
+    from deepcovid.ensemble import BF16_CHECK_KEY
 
-    monkeypatch.setattr(ensemble_module, "cpu_has_native_bf16", lambda: False)
-    plain = Ensemble.from_bundle(small_bundle, "cpu", settings=Settings(cpu_bf16="auto"))
-    assert plain.precision == "fp32" and plain.bf16_drift is None and plain.label == "cpu fp32"
-
-    monkeypatch.setattr(ensemble_module, "cpu_has_native_bf16", lambda: True)
-    fast = Ensemble.from_bundle(small_bundle, "cpu", settings=Settings(cpu_bf16="auto"))
-    assert fast.precision == "bfloat16" and fast.label == "cpu bfloat16"
-    assert fast.bf16_drift is not None and 0 < fast.bf16_drift <= Settings().bf16_tolerance
-    # Asked for explicitly, fp32 is what it gets on any CPU.
-    assert (
-        Ensemble.from_bundle(small_bundle, "cpu", "fp32", settings=Settings(cpu_bf16="auto")).precision
-        == "fp32"
-    )
+    metrics = {"validation": {BF16_CHECK_KEY: dict.fromkeys(bundle.architectures, drift)}}
+    return save_bundle(out, load_networks(bundle), metrics=metrics)
 
 
-def test_auto_bf16_falls_back_to_fp32_when_the_bundle_drifts(
-    small_bundle: Bundle, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def test_auto_bf16_needs_bf16_instructions_and_a_validated_bundle(
+    small_bundle: Bundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     from deepcovid import ensemble as ensemble_module
     from deepcovid.settings import Settings
 
+    auto = Settings(cpu_bf16="auto")
+    validated = _with_bf16_check(small_bundle, tmp_path / "validated", 0.004)
+    drifting = _with_bf16_check(small_bundle, tmp_path / "drifting", 0.03)
+
+    monkeypatch.setattr(ensemble_module, "cpu_has_native_bf16", lambda: False)
+    plain = Ensemble.from_bundle(validated, "cpu", settings=auto)
+    assert plain.precision == "fp32" and plain.bf16_drift is None and plain.label == "cpu fp32"
+
     monkeypatch.setattr(ensemble_module, "cpu_has_native_bf16", lambda: True)
-    monkeypatch.setattr(Ensemble, "precision_drift", lambda self: 0.2)
-    with caplog.at_level("WARNING", logger="deepcovid.ensemble"):
-        ensemble = Ensemble.from_bundle(small_bundle, "cpu", settings=Settings(cpu_bf16="auto"))
-    assert ensemble.precision == "fp32" and ensemble.bf16_drift == 0.2
-    assert "scoring in fp32" in caplog.text
+    fast = Ensemble.from_bundle(validated, "cpu", settings=auto)
+    assert fast.precision == "bfloat16" and fast.label == "cpu bfloat16" and fast.bf16_drift == 0.004
+    with caplog.at_level("INFO", logger="deepcovid.ensemble"):
+        assert Ensemble.from_bundle(drifting, "cpu", settings=auto).precision == "fp32"
+        assert Ensemble.from_bundle(small_bundle, "cpu", settings=auto).precision == "fp32"  # never checked
+    assert "up to 0.0300 (tolerance 0.0100)" in caplog.text
+    assert "records no bf16 check" in caplog.text
+    assert (
+        Ensemble.from_bundle(
+            drifting, "cpu", settings=Settings(cpu_bf16="auto", bf16_tolerance=0.05)
+        ).precision
+        == "bfloat16"
+    )
+    # Asked for explicitly, fp32 is what it gets on any CPU; "on" skips the check.
+    assert Ensemble.from_bundle(validated, "cpu", "fp32", settings=auto).precision == "fp32"
+    assert Ensemble.from_bundle(drifting, "cpu", settings=Settings(cpu_bf16="on")).precision == "bfloat16"
 
 
-def test_precision_drift_compares_with_fp32_and_restores_the_precision(small_bundle: Bundle) -> None:
-    from deepcovid.settings import Settings
+def test_precision_drift_is_zero_in_fp32_and_small_in_bf16(small_bundle: Bundle) -> None:
+    from deepcovid.bundle import load_networks
+    from deepcovid.ensemble import precision_drift
 
-    ensemble = Ensemble.from_bundle(small_bundle, "cpu", "bf16", settings=Settings())
-    drift = ensemble.precision_drift()
-    assert 0 < drift <= BF16_TOLERANCE and ensemble.precision == "bfloat16"
-    assert Ensemble.from_bundle(small_bundle, "cpu", "fp32").precision_drift() == 0.0
+    networks = {arch: model.eval() for arch, model in load_networks(small_bundle).items()}
+    images = xray_like_batch(6, seed=2)
+    drift = precision_drift(networks, images, torch.bfloat16, torch.device("cpu"), batch_size=4)
+    assert set(drift) == set(small_bundle.architectures)
+    assert all(0 < value <= BF16_TOLERANCE for value in drift.values()), drift
+    exact = precision_drift(networks, images, torch.float32, torch.device("cpu"))
+    assert all(value == 0.0 for value in exact.values()), exact

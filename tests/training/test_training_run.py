@@ -89,3 +89,24 @@ def test_train_refuses_existing_out_and_bad_arch(
         training_cli, ["train", str(separable_data), "--out", str(tmp_path / "o2"), "--arch", "vgg16"]
     )
     assert result.exit_code == 1 and "unknown architecture" in result.output
+
+
+def test_the_bundle_records_its_bf16_drift_on_validation_images(trained) -> None:
+    """What a CPU worker's automatic bf16 relies on: measured on this bundle's own validation images,
+    and equal to re-measuring it on the networks as the worker loads them."""
+    import torch
+
+    from deepcovid.bundle import load_networks
+    from deepcovid.ensemble import BF16_CHECK_KEY, fold_batchnorm, precision_drift, validated_bf16_drift
+    from training.data import decode_samples
+
+    bundle, args, _ = trained
+    recorded = bundle.metrics["validation"][BF16_CHECK_KEY]
+    assert set(recorded) == {TRAIN_ARCH} and 0 <= recorded[TRAIN_ARCH] < 0.5
+    assert validated_bf16_drift(bundle) == recorded[TRAIN_ARCH]
+
+    split = split_samples(load_labelled(args.data), val_fraction=args.val_fraction, seed=args.seed)
+    images = decode_samples(split.val).images
+    served = {arch: fold_batchnorm(model.eval()) for arch, model in load_networks(bundle).items()}
+    again = precision_drift(served, images[: args.bf16_check_images], torch.bfloat16, torch.device("cpu"))
+    assert again[TRAIN_ARCH] == pytest.approx(recorded[TRAIN_ARCH], abs=1e-5)
