@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from deepcovid.bundle import load_bundle, save_bundle
-from deepcovid.ensemble import Ensemble, check_batch, resolve_device
+from deepcovid.ensemble import Ensemble, resolve_device, synthetic_batch
 from deepcovid.networks import ARCHITECTURES, build_network
 
 
@@ -41,7 +41,7 @@ def main() -> None:
             precisions += ["fp16", "bf16"]
         elif args.bf16:
             precisions.append("bf16")
-        batch = torch.from_numpy(check_batch(args.batch))
+        batch = torch.from_numpy(synthetic_batch(args.batch))
         reference: dict[str, np.ndarray] | None = None
         print(
             f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "

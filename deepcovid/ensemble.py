@@ -43,7 +43,7 @@ Precision = Literal["auto", "fp32", "fp16", "bf16"]
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
-# One image through each network on one CPU core, in ms (AMD EPYC, AVX2, fp32, batch 16, BatchNorm
+# One image through each network on one CPU core, in ms (AMD EPYC, AVX-512, fp32, batch 16, BatchNorm
 # folded). Only the ratios matter: they balance the networks across CPU streams.
 CPU_COST_MS = {"resnet18": 18.0, "resnet50": 51.0, "squeezenet1_1": 5.0, "densenet121": 45.0}
 
@@ -202,7 +202,7 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def check_batch(count: int = 8, seed: int = 0) -> np.ndarray:
+def synthetic_batch(count: int = 8, seed: int = 0) -> np.ndarray:
     """A fixed uint8 ``[count,3,224,224]`` batch of smooth X-ray-like shapes with noise, for tests and
     benchmarks that need realistic-looking input without patient images."""
     rng = np.random.default_rng(seed)
@@ -414,8 +414,9 @@ class Ensemble:
             if self.autocast_dtype is not None
             else contextlib.nullcontext()
         )
-        with torch.inference_mode(), autocast:
-            outputs = [self.networks[arch](inputs) for arch in architectures]
+        with torch.inference_mode():
+            with autocast:
+                outputs = [self.networks[arch](inputs) for arch in architectures]
             return torch.stack([torch.softmax(out.float(), dim=1)[:, COVID_INDEX] for out in outputs])
 
     def _executor(self) -> ThreadPoolExecutor:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from deepcovid.bundle import MANIFEST, Bundle, BundleError, compute_bundle_id, load_bundle
-from deepcovid.ensemble import Ensemble, ScoreBatch, check_batch, combine, resolve_device
+from deepcovid.ensemble import Ensemble, ScoreBatch, combine, resolve_device, synthetic_batch
 from deepcovid.networks import ARCHITECTURES
 
 # bf16 autocast on CPU moved COVID probabilities by at most 0.009 (random-weight networks, real CXRs);
@@ -21,7 +21,7 @@ BF16_TOLERANCE = 0.05
 
 def xray_like_batch(count: int, seed: int = 0) -> torch.Tensor:
     """uint8 [B,3,224,224]: smooth gray structures plus noise, the same image in all three channels."""
-    return torch.from_numpy(check_batch(count, seed))
+    return torch.from_numpy(synthetic_batch(count, seed))
 
 
 @pytest.fixture(scope="module")
