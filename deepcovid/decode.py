@@ -392,11 +392,10 @@ def _integer_pixels_to_uint8(arr: np.ndarray, ds: Any) -> np.ndarray:
     (65,536) instead of to millions of pixels in float64; the min..max scaling uses only the values the
     image holds. For 16-bit pixels only (8-bit data without a VOI is kept as stored by scale_to_uint8).
     """
-    unsigned = np.dtype(np.uint16)
     domain = np.arange(1 << 16, dtype=np.uint16).view(arr.dtype)
     values = np.asarray(_display_values(domain, ds), dtype=np.float64)
     values = np.where(np.isfinite(values), values, 0.0)
-    indices = arr.view(unsigned)
+    indices = arr.view(np.uint16)
     present = np.bincount(indices.ravel(), minlength=domain.size) > 0
     lo, hi = float(values[present].min()), float(values[present].max())
     if not hi > lo:

@@ -269,7 +269,8 @@ def precision_drift(
     device: torch.device,
     batch_size: int = 32,
 ) -> dict[str, float]:
-    """Per network, the largest |autocast(dtype) - fp32| COVID probability over uint8 ``images``."""
+    """Per network, the largest |autocast(dtype) - fp32| COVID probability over uint8 ``images``
+    (``networks`` as ``prepare_network`` makes them, to measure what workers will run)."""
     import torch
 
     from deepcovid.preprocess import normalize
@@ -277,8 +278,7 @@ def precision_drift(
     worst = dict.fromkeys(networks, 0.0)
     with torch.inference_mode():
         for start in range(0, int(images.shape[0]), batch_size):
-            inputs = normalize(images[start : start + batch_size].to(device))
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
+            inputs = normalize(images[start : start + batch_size].to(device))  # as Ensemble._prepare does
             for arch, model in networks.items():
                 exact = torch.softmax(model(inputs).float(), dim=1)[:, COVID_INDEX]
                 with torch.autocast(device_type=device.type, dtype=dtype):
@@ -306,7 +306,6 @@ class Ensemble:
         self.groups = partition_networks(self.architectures, streams)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
-        self.bf16_drift: float | None = None  # what training measured, when scoring in bf16 on CPU
         self.thresholds = {arch: bundle.thresholds[arch] for arch in self.architectures}
         self.policy = bundle.ensemble_policy
         self.ensemble_threshold = bundle.ensemble_threshold
@@ -348,16 +347,20 @@ class Ensemble:
         dtype = _autocast_dtype(target, precision, settings, bundle)
         networks: dict[str, nn.Module] = {}
         for arch, model in load_networks(bundle).items():
-            model = fold_batchnorm(model.eval())
-            model = model.to(target, memory_format=torch.channels_last).eval()
-            model.requires_grad_(False)
+            model = prepare_network(model, target)
             if settings.compile and target.type == "cuda":
                 model = torch.compile(model)
             networks[arch] = model
-        ensemble = cls(bundle, networks, target, dtype, streams)
-        if dtype is not None and target.type == "cpu":
-            ensemble.bf16_drift = validated_bf16_drift(bundle)
-        return ensemble
+        return cls(bundle, networks, target, dtype, streams)
+
+    @property
+    def bf16_drift(self) -> float | None:
+        """What training measured of bf16 on this bundle, when this ensemble scores in bf16 on CPU."""
+        import torch
+
+        if self.device.type != "cpu" or self.autocast_dtype != torch.bfloat16:
+            return None
+        return validated_bf16_drift(self.bundle)
 
     def _prepare(self, batch: torch.Tensor) -> torch.Tensor:
         import torch
@@ -429,6 +432,15 @@ class Ensemble:
     def score(self, batch: torch.Tensor) -> ScoreBatch:
         """Probabilities, per-network decisions and the ensemble decision for one uint8 batch."""
         return combine(self.probabilities(batch), self.thresholds, self.policy, self.ensemble_threshold)
+
+
+def prepare_network(model: nn.Module, device: torch.device) -> nn.Module:
+    """A network as workers run it: eval mode, BatchNorm folded, channels_last on ``device``, no grads."""
+    import torch
+
+    model = fold_batchnorm(model.eval())
+    model = model.to(device, memory_format=torch.channels_last).eval()
+    return model.requires_grad_(False)
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:

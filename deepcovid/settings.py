@@ -42,10 +42,10 @@ class Settings(BaseSettings):
     batch_size: int = 0  # images per forward pass; 0: 16 on CPU (fastest measured), 64 on CUDA
     decode_threads: int = Field(default_factory=lambda: os.cpu_count() or 2)
     chunk_size: int = 256
-    # bf16 on CPU. auto: where the CPU computes bf16 natively and the bundle's probabilities stay within
-    # bf16_tolerance of fp32 on a check batch at load time; on: always; off: fp32.
+    # bf16 on CPU. auto: where the CPU computes bf16 natively and `train` measured the bundle's bf16
+    # probabilities within bf16_tolerance of fp32 on its validation images; on: always; off: fp32.
     cpu_bf16: Literal["auto", "on", "off"] = "auto"
-    bf16_tolerance: float = 0.01  # largest |bf16 - fp32| COVID probability accepted by the load check
+    bf16_tolerance: float = 0.01  # largest |bf16 - fp32| validation COVID probability that allows bf16
     cpu_streams: int = 0  # networks run side by side on CPU; 0: one per core (at most one per network)
     torch_threads: int = 0  # per CPU stream; 0: the cores shared out between streams; on CUDA torch decides
     compile: bool = False  # torch.compile on CUDA

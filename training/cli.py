@@ -88,7 +88,7 @@ def train_command(
 ) -> None:
     """Fine-tune the networks on labelled X-rays; write a bundle with thresholds chosen on validation data."""
     from deepcovid.bundle import BundleError
-    from deepcovid.ensemble import BF16_CHECK_KEY
+    from deepcovid.ensemble import validated_bf16_drift
     from deepcovid.networks import PretrainedWeightsUnavailable
     from deepcovid.settings import get_settings
     from training.data import DataError
@@ -131,8 +131,8 @@ def train_command(
     validation = bundle.metrics.get("validation", {})
     for name, auc in (validation.get("auc") or {}).items():
         console.print(f"  validation AUC {name}: {auc if auc is None else f'{auc:.4f}'}", highlight=False)
-    if drift := validation.get(BF16_CHECK_KEY):
-        worst, tolerance = max(drift.values()), get_settings().bf16_tolerance
+    if (worst := validated_bf16_drift(bundle)) is not None:
+        tolerance = get_settings().bf16_tolerance
         verdict = (
             "CPU workers with bf16 instructions use bf16" if worst <= tolerance else "workers stay in fp32"
         )

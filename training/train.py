@@ -603,15 +603,10 @@ def bf16_check(fits: dict[str, FitResult], val: DecodedSet, limit: int) -> dict[
     scores in bf16 only where this stays within its tolerance (``DEEPCOVID_BF16_TOLERANCE``)."""
     import copy
 
-    from deepcovid.ensemble import fold_batchnorm, precision_drift
+    from deepcovid.ensemble import precision_drift, prepare_network
 
     cpu = torch.device("cpu")
-    served = {
-        arch: fold_batchnorm(copy.deepcopy(fit.model).to(cpu).float().eval()).to(
-            memory_format=torch.channels_last
-        )
-        for arch, fit in fits.items()
-    }
+    served = {arch: prepare_network(copy.deepcopy(fit.model).float(), cpu) for arch, fit in fits.items()}
     drift = precision_drift(served, val.images[:limit], torch.bfloat16, cpu)
     log.info("bf16 vs fp32 on %d validation images: %s", min(limit, len(val.samples)), drift)
     return {arch: round(value, 6) for arch, value in drift.items()}

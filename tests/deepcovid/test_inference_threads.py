@@ -16,10 +16,10 @@ from deepcovid.ensemble import (
     cpu_inference_threads,
     cpu_streams,
     partition_networks,
+    synthetic_batch,
 )
 from deepcovid.networks import ARCHITECTURES
 from deepcovid.settings import Settings
-from tests.deepcovid.test_ensemble import xray_like_batch
 
 CORES = os.cpu_count() or 1
 
@@ -58,7 +58,7 @@ def test_partition_balances_cost_and_keeps_every_network_once() -> None:
 
 @pytest.fixture(scope="module")
 def batch() -> torch.Tensor:
-    return xray_like_batch(3, seed=11)
+    return torch.from_numpy(synthetic_batch(3, seed=11))
 
 
 def test_streams_score_exactly_like_one_network_at_a_time(

@@ -97,7 +97,7 @@ def test_the_bundle_records_its_bf16_drift_on_validation_images(trained) -> None
     import torch
 
     from deepcovid.bundle import load_networks
-    from deepcovid.ensemble import BF16_CHECK_KEY, fold_batchnorm, precision_drift, validated_bf16_drift
+    from deepcovid.ensemble import BF16_CHECK_KEY, precision_drift, prepare_network, validated_bf16_drift
     from training.data import decode_samples
 
     bundle, args, _ = trained
@@ -107,6 +107,8 @@ def test_the_bundle_records_its_bf16_drift_on_validation_images(trained) -> None
 
     split = split_samples(load_labelled(args.data), val_fraction=args.val_fraction, seed=args.seed)
     images = decode_samples(split.val).images
-    served = {arch: fold_batchnorm(model.eval()) for arch, model in load_networks(bundle).items()}
+    served = {
+        arch: prepare_network(model, torch.device("cpu")) for arch, model in load_networks(bundle).items()
+    }
     again = precision_drift(served, images[: args.bf16_check_images], torch.bfloat16, torch.device("cpu"))
     assert again[TRAIN_ARCH] == pytest.approx(recorded[TRAIN_ARCH], abs=1e-5)
