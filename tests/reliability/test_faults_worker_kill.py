@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import time
 import uuid
 from collections.abc import Iterator
 from functools import partial
@@ -80,15 +79,6 @@ def kill_outcome(worker: ServiceProcess, lost_before: int, task: str) -> str | N
     if f"score_chunk[{task}] succeeded" in log:
         return "missed"
     return None
-
-
-def wait_for_outcome(worker: ServiceProcess, lost_before: int, task: str, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while (outcome := kill_outcome(worker, lost_before, task)) is None:
-        if time.monotonic() > deadline:
-            pytest.fail(f"no report of the killed pool process after {timeout:.0f}s:\n{worker.log()[-6000:]}")
-        time.sleep(0.1)
-    return outcome
 
 
 def find_victim(
@@ -160,7 +150,12 @@ def test_worker_sigkilled_five_times_during_one_job(
         if kind == "child":
             lost_before = worker.log().count("WorkerLostError(")
             os.kill(pid, signal.SIGKILL)
-            outcome = wait_for_outcome(worker, lost_before, task, timeout=60)
+            outcome = wait_for(
+                partial(kill_outcome, worker, lost_before, task),
+                60,
+                "the worker to report the killed pool process",
+                detail=lambda w=worker: w.log()[-6000:],
+            )
             if outcome == "missed":
                 missed += 1
                 assert missed <= 5, "five kills in a row landed between chunks: make the chunks slower"
