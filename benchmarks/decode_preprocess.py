@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -29,19 +28,12 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe, interleaved, median  # noqa: E402
+from machine import SHARED_DATA, describe, interleaved, median  # noqa: E402
 
 from deepcovid.decode import decode  # noqa: E402
 from deepcovid.preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image, to_model_input  # noqa: E402
 
-SHARED_DICOM = (
-    Path(
-        os.environ.get(
-            "DEEPCOVID_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-        )
-    )
-    / "dicom"
-)
+SHARED_DICOM = SHARED_DATA / "dicom"
 
 
 def _synthetic(side: int, seed: int = 0) -> np.ndarray:

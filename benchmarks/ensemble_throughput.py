@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe, interleaved, median  # noqa: E402
+from machine import SHARED_DATA, describe, interleaved, median  # noqa: E402
 
 from deepcovid.bundle import Bundle, load_networks, save_bundle  # noqa: E402
 from deepcovid.ensemble import Ensemble, resolve_device  # noqa: E402
@@ -47,14 +47,7 @@ from deepcovid.preprocess import IMAGENET_MEAN, IMAGENET_STD, collate, load_imag
 from deepcovid.settings import Settings  # noqa: E402
 from deepcovid.storage import open_storage  # noqa: E402
 
-SHARED_CXR = (
-    Path(
-        os.environ.get(
-            "DEEPCOVID_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-        )
-    )
-    / "cxr"
-)
+SHARED_CXR = SHARED_DATA / "cxr"
 DISTINCT = 16
 
 

@@ -7,6 +7,12 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+# The real images beside the repository (../shared/data), or where DEEPCOVID_SHARED_DATA points.
+SHARED_DATA = Path(
+    os.environ.get("DEEPCOVID_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
+)
 
 
 def cpu_model() -> str:
@@ -21,18 +27,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def cpu_flags() -> set[str]:
-    """CPU feature flags (avx512_bf16, amx_bf16, ...) that decide whether bf16 on CPU can pay off."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def load_average() -> str:
     try:
         return " ".join(f"{value:.2f}" for value in os.getloadavg())
@@ -44,10 +38,12 @@ def describe(device: str = "cpu") -> str:
     """One block of text: CPU model and cores, torch version and threads, the device, and the load now."""
     import torch
 
+    from deepcovid.ensemble import cpu_has_native_bf16
+
     lines = [
         f"cpu     : {cpu_model()}, {os.cpu_count()} logical cores, "
         f"capability {torch.backends.cpu.get_cpu_capability()}, "
-        f"bf16 hw: {'yes' if cpu_flags() & {'avx512_bf16', 'amx_bf16'} else 'no'}",
+        f"bf16 hw: {'yes' if cpu_has_native_bf16() else 'no'}",
         f"torch   : {torch.__version__} (threads {torch.get_num_threads()}), "
         f"python {platform.python_version()}",
         f"device  : {device_name(device)}",
