@@ -8,6 +8,7 @@ Run: .venv/bin/python benchmarks/ensemble_score.py [--device cpu] [--batch 16] [
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -15,9 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deepcovid.bundle import load_bundle, save_bundle
-from deepcovid.ensemble import Ensemble, resolve_device, synthetic_batch
-from deepcovid.networks import ARCHITECTURES, build_network
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.fixtures
+from deepcovid.bundle import load_bundle, save_bundle  # noqa: E402
+from deepcovid.devices import resolve_device  # noqa: E402
+from deepcovid.ensemble import Ensemble  # noqa: E402
+from deepcovid.networks import ARCHITECTURES, build_network  # noqa: E402
+from tests.fixtures.images import synthetic_batch  # noqa: E402
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ def describe(device: str = "cpu") -> str:
     """One block of text: CPU model and cores, torch version and threads, the device, and the load now."""
     import torch
 
-    from deepcovid.ensemble import cpu_has_native_bf16
+    from deepcovid.cpu import cpu_has_native_bf16
 
     lines = [
         f"cpu     : {cpu_model()}, {os.cpu_count()} logical cores, "

@@ -86,14 +86,13 @@ def main() -> None:
 
     from db.engine import dispose_engines, make_engine
     from db.migrate import upgrade
-    from db.models import JobState
     from db.queries import job_progress
     from db.registry import register_bundle, set_active
     from deepcovid.bundle import install_bundle, load_bundle
-    from deepcovid.ensemble import resolve_device
-    from deepcovid.pipeline import batch_size_for
+    from deepcovid.devices import batch_size_for, resolve_device
     from deepcovid.queue import make_celery
     from deepcovid.settings import Settings
+    from deepcovid.status import JobStatus
     from producer.enqueue import enqueue
     from producer.screen import screen
 
@@ -159,7 +158,7 @@ def main() -> None:
                 summary = enqueue(
                     str(images), settings=celery_settings, bundle_id=bundle.bundle_id, rescore=True, app=app
                 )
-                while job_progress(engine, summary.job_id).state != JobState.finished:
+                while job_progress(engine, summary.job_id).state != JobStatus.finished:
                     if worker is not None and worker.poll() is not None:
                         raise SystemExit(f"the worker died:\n{(root / 'worker.log').read_text()[-3000:]}")
                     time.sleep(0.05)

@@ -27,7 +27,8 @@ def open_database(url: str | None = None) -> Engine:
     Other packages' commands call this instead of make_engine + ensure_schema_current so the user sees
     one clean line ("run `deepcovid db upgrade`") rather than a traceback.
     """
-    from db.engine import SchemaNotCurrent, ensure_schema_current, make_engine
+    from db.engine import make_engine
+    from db.schema import SchemaNotCurrent, ensure_schema_current
 
     engine = make_engine(url)
     try:

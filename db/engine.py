@@ -16,16 +16,14 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine, make_url
 
-SQLITE_BUSY_TIMEOUT_S = 30.0
+from deepcovid.defaults import SQLITE_BUSY_TIMEOUT_S
+from deepcovid.settings import get_settings
+
 # Execution option that marks a transaction as a writer (``BEGIN IMMEDIATE`` on SQLite).
 WRITE_OPTION = "deepcovid_write"
 
 _engines: dict[str, Engine] = {}
 _lock = threading.Lock()
-
-
-class SchemaNotCurrent(RuntimeError):
-    """The database schema is missing or older/newer than this code: migrations must run first."""
 
 
 def normalize_url(url: str | URL) -> URL:
@@ -40,8 +38,6 @@ def normalize_url(url: str | URL) -> URL:
 def make_engine(url: str | URL | None = None) -> Engine:
     """The engine for ``url`` (default: Settings.effective_database_url), cached per URL in this process."""
     if url is None:
-        from deepcovid.settings import get_settings
-
         url = get_settings().effective_database_url
     parsed = normalize_url(url)
     key = parsed.render_as_string(hide_password=False)
@@ -111,40 +107,6 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def ensure_schema_current(engine: Engine) -> None:
-    """Raise SchemaNotCurrent unless the database is at the newest migration this code ships."""
-    from alembic.runtime.migration import MigrationContext
-
-    from db.migrate import head_revisions, known_revisions
-
-    heads = head_revisions()
-    try:
-        with engine.connect() as connection:
-            current = set(MigrationContext.configure(connection).get_current_heads())
-    except sa.exc.OperationalError as exc:
-        raise SchemaNotCurrent(
-            f"cannot read the schema version of {describe(engine)}: {exc.orig}; "
-            "check DEEPCOVID_DATABASE_URL, then run `deepcovid db upgrade`"
-        ) from exc
-    if current == heads:
-        return
-    if not current:
-        raise SchemaNotCurrent(
-            f"the database {describe(engine)} has no schema yet: run `deepcovid db upgrade`"
-        )
-    found = ", ".join(sorted(current))
-    wanted = ", ".join(sorted(heads))
-    if current - known_revisions():
-        raise SchemaNotCurrent(
-            f"the database {describe(engine)} is at schema revision {found}, newer than this code "
-            f"({wanted}): upgrade deepcovid on this machine, or run `deepcovid db upgrade` with the newer one"
-        )
-    raise SchemaNotCurrent(
-        f"the database {describe(engine)} is at schema revision {found}, this code needs {wanted}: "
-        "run `deepcovid db upgrade`"
-    )
 
 
 def describe(engine: Engine) -> str:

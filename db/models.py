@@ -13,8 +13,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-# The four networks of the ensemble; per-model columns are named <arch>_probability / <arch>_decision.
-MODEL_ARCHITECTURES: tuple[str, ...] = ("resnet18", "resnet50", "squeezenet1_1", "densenet121")
+from deepcovid.status import ImageStatus, JobStatus
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -37,19 +36,6 @@ def as_utc(value: datetime | None) -> datetime | None:
     if value is None or value.tzinfo is not None:
         return value
     return value.replace(tzinfo=timezone.utc)
-
-
-class JobState(str, enum.Enum):
-    running = "running"
-    finished = "finished"
-    cancelled = "cancelled"
-
-
-class ImageState(str, enum.Enum):
-    queued = "queued"
-    scored = "scored"
-    failed = "failed"
-    skipped = "skipped"
 
 
 def _enum(cls: type[enum.Enum], name: str) -> sa.Enum:
@@ -82,7 +68,7 @@ class ScanJob(Base):
     source: Mapped[str] = mapped_column(sa.Text)
     bundle_id: Mapped[str] = mapped_column(sa.String(128))
     options: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    state: Mapped[JobState] = mapped_column(_enum(JobState, "job_state"), default=JobState.running)
+    state: Mapped[JobStatus] = mapped_column(_enum(JobStatus, "job_state"), default=JobStatus.running)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
 
@@ -104,7 +90,7 @@ class Image(Base):
     series_uid: Mapped[str | None] = mapped_column(sa.String(64))
     sop_uid: Mapped[str | None] = mapped_column(sa.String(64))
     view: Mapped[str | None] = mapped_column(sa.String(16))
-    state: Mapped[ImageState] = mapped_column(_enum(ImageState, "image_state"), default=ImageState.queued)
+    state: Mapped[ImageStatus] = mapped_column(_enum(ImageStatus, "image_state"), default=ImageStatus.queued)
     failure_reason: Mapped[str | None] = mapped_column(sa.String(64))
     failure_detail: Mapped[str | None] = mapped_column(sa.Text)
     attempt_count: Mapped[int] = mapped_column(default=0)

@@ -16,7 +16,9 @@ from typing import Any, Literal, TextIO
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from db.models import MODEL_ARCHITECTURES, Image, ImageState, JobState, Prediction, ScanJob, as_utc, utcnow
+from db.models import Image, Prediction, ScanJob, as_utc, utcnow
+from deepcovid.networks import ARCHITECTURES
+from deepcovid.status import ImageStatus, JobStatus
 
 images = Image.__table__
 predictions = Prediction.__table__
@@ -36,7 +38,7 @@ _RESULT_COLUMNS: dict[str, sa.ColumnElement[Any]] = {
     "disagreement": predictions.c.disagreement,
     **{
         f"{arch}_{kind}": predictions.c[f"{arch}_{kind}"]
-        for arch in MODEL_ARCHITECTURES
+        for arch in ARCHITECTURES
         for kind in ("probability", "decision")
     },
     "study_uid": images.c.study_uid,
@@ -65,11 +67,11 @@ class JobProgress:
     source: str
     bundle_id: str
     options: dict[str, Any]
-    state: JobState
+    state: JobStatus
     created_at: datetime
     finished_at: datetime | None
     total: int = 0
-    counts: dict[str, int] = field(default_factory=dict)  # every ImageState value, zeros included
+    counts: dict[str, int] = field(default_factory=dict)  # every ImageStatus value, zeros included
     failed_by_reason: dict[str, int] = field(default_factory=dict)
     flagged: int = 0
     rate_per_s: float = 0.0  # images finished per second over the last minute
@@ -77,19 +79,19 @@ class JobProgress:
 
     @property
     def queued(self) -> int:
-        return self.counts.get(ImageState.queued.value, 0)
+        return self.counts.get(ImageStatus.queued.value, 0)
 
     @property
     def scored(self) -> int:
-        return self.counts.get(ImageState.scored.value, 0)
+        return self.counts.get(ImageStatus.scored.value, 0)
 
     @property
     def failed(self) -> int:
-        return self.counts.get(ImageState.failed.value, 0)
+        return self.counts.get(ImageStatus.failed.value, 0)
 
     @property
     def skipped(self) -> int:
-        return self.counts.get(ImageState.skipped.value, 0)
+        return self.counts.get(ImageStatus.skipped.value, 0)
 
     @property
     def done(self) -> int:
@@ -130,7 +132,7 @@ class ImageAudit:
 
     uri: str
     storage: str
-    state: ImageState
+    state: ImageStatus
     attempts: int
     failure_reason: str | None
     failure_detail: str | None
@@ -168,23 +170,23 @@ def _progress(conn: Connection, job: sa.Row[Any]) -> JobProgress:
         source=job.source,
         bundle_id=job.bundle_id,
         options=job.options or {},
-        state=JobState(job.state),
+        state=JobStatus(job.state),
         created_at=as_utc(job.created_at),
         finished_at=as_utc(job.finished_at),
     )
     of_job = images.c.last_job_id == job.id
-    counts = {state.value: 0 for state in ImageState}
+    counts = {state.value: 0 for state in ImageStatus}
     for state, count in conn.execute(
         sa.select(images.c.state, sa.func.count()).where(of_job).group_by(images.c.state)
     ):
-        counts[ImageState(state).value] = count
+        counts[ImageStatus(state).value] = count
     progress.counts = counts
     progress.total = sum(counts.values())
     progress.failed_by_reason = {
         reason or "unknown": count
         for reason, count in conn.execute(
             sa.select(images.c.failure_reason, sa.func.count())
-            .where(of_job, images.c.state == ImageState.failed)
+            .where(of_job, images.c.state == ImageStatus.failed)
             .group_by(images.c.failure_reason)
             .order_by(sa.func.count().desc())
         )
@@ -194,7 +196,7 @@ def _progress(conn: Connection, job: sa.Row[Any]) -> JobProgress:
         .select_from(images.join(predictions, predictions.c.image_id == images.c.id))
         .where(
             of_job,
-            images.c.state == ImageState.scored,
+            images.c.state == ImageStatus.scored,
             predictions.c.bundle_id == job.bundle_id,
             predictions.c.ensemble_decision.is_(True),
         )
@@ -204,7 +206,7 @@ def _progress(conn: Connection, job: sa.Row[Any]) -> JobProgress:
     recent = conn.execute(
         sa.select(sa.func.count()).where(
             of_job,
-            images.c.state.in_([ImageState.scored, ImageState.failed]),
+            images.c.state.in_([ImageStatus.scored, ImageStatus.failed]),
             images.c.updated_at >= now - timedelta(seconds=RATE_WINDOW_S),
         )
     ).scalar_one()
@@ -226,7 +228,7 @@ def _job_bundle(conn: Connection, job_id: int) -> str:
 
 
 def _probabilities(row: Any) -> dict[str, float | None]:
-    return {arch: getattr(row, f"{arch}_probability") for arch in MODEL_ARCHITECTURES}
+    return {arch: getattr(row, f"{arch}_probability") for arch in ARCHITECTURES}
 
 
 def flagged_images(engine: Engine, job_id: int, limit: int | None = None) -> list[FlaggedImage]:
@@ -245,7 +247,7 @@ def flagged_images(engine: Engine, job_id: int, limit: int | None = None) -> lis
             .select_from(images.join(predictions, predictions.c.image_id == images.c.id))
             .where(
                 images.c.last_job_id == job_id,
-                images.c.state == ImageState.scored,
+                images.c.state == ImageStatus.scored,
                 predictions.c.bundle_id == bundle_id,
                 predictions.c.ensemble_decision.is_(True),
             )
@@ -289,7 +291,7 @@ def iter_results(
             .order_by(images.c.id)
         )
         if flagged_only:
-            stmt = stmt.where(images.c.state == ImageState.scored, predictions.c.ensemble_decision.is_(True))
+            stmt = stmt.where(images.c.state == ImageStatus.scored, predictions.c.ensemble_decision.is_(True))
         result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(stmt)
         for row in result:
             out = dict(zip(RESULT_FIELDS, row, strict=True))
@@ -348,7 +350,7 @@ def queued_uris(engine: Engine, job_id: int) -> list[str]:
     with engine.connect() as conn:
         stmt = (
             sa.select(images.c.uri)
-            .where(images.c.last_job_id == job_id, images.c.state == ImageState.queued)
+            .where(images.c.last_job_id == job_id, images.c.state == ImageStatus.queued)
             .order_by(images.c.id)
         )
         return list(conn.execute(stmt).scalars())
@@ -380,7 +382,7 @@ def image_audit(engine: Engine, uri: str) -> ImageAudit | None:
     return ImageAudit(
         uri=image.uri,
         storage=image.storage,
-        state=ImageState(image.state),
+        state=ImageStatus(image.state),
         attempts=image.attempt_count,
         failure_reason=image.failure_reason,
         failure_detail=image.failure_detail,

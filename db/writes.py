@@ -23,9 +23,11 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from db.engine import writer
-from db.models import MODEL_ARCHITECTURES, Image, ImageState, JobState, Prediction, ScanJob, utcnow
+from db.models import Image, Prediction, ScanJob, utcnow
 from deepcovid.errors import REASONS
+from deepcovid.networks import ARCHITECTURES
 from deepcovid.results import ImageResult
+from deepcovid.status import ImageStatus, JobStatus
 
 # Rows per transaction when registering a listing: big enough for speed, small enough that SQLite's
 # write lock is released often for the workers writing results meanwhile.
@@ -64,7 +66,7 @@ def create_job(engine: Engine, *, source: str, bundle_id: str, options: dict[str
                 source=source,
                 bundle_id=bundle_id,
                 options=options or {},
-                state=JobState.running,
+                state=JobStatus.running,
                 created_at=utcnow(),
             )
             .returning(scan_jobs.c.id)
@@ -107,7 +109,7 @@ def _register_batch(
             "size": ref.size,
             "mtime": ref.mtime,
             "etag": ref.etag,
-            "state": ImageState.queued,
+            "state": ImageStatus.queued,
             "attempt_count": 0,
             "last_job_id": job_id,
             "updated_at": now,
@@ -250,7 +252,7 @@ _PREDICTION_COLUMNS = (
     "image_id",
     "bundle_id",
     "job_id",
-    *(f"{arch}_{kind}" for arch in MODEL_ARCHITECTURES for kind in ("probability", "decision")),
+    *(f"{arch}_{kind}" for arch in ARCHITECTURES for kind in ("probability", "decision")),
     "ensemble_score",
     "ensemble_decision",
     "disagreement",
@@ -305,7 +307,7 @@ def _image_row(result: ImageResult, job_id: int, now: datetime) -> dict[str, Any
         "uri": result.uri,
         "storage": storage_kind(result.uri),
         "size": result.size,
-        "state": ImageState.scored if scored else ImageState.failed,
+        "state": ImageStatus.scored if scored else ImageStatus.failed,
         "failure_reason": None if scored else (result.reason or "internal_error"),
         "failure_detail": None if scored else (result.detail or None),
         "attempt_count": 0,
@@ -352,7 +354,7 @@ def _prediction_row(
     now: datetime,
 ) -> dict[str, Any]:
     row: dict[str, Any] = {"image_id": image_id, "bundle_id": bundle_id, "job_id": job_id}
-    for arch in MODEL_ARCHITECTURES:
+    for arch in ARCHITECTURES:
         row[f"{arch}_probability"] = _float(result.probabilities.get(arch))
         decision = result.decisions.get(arch)
         row[f"{arch}_decision"] = None if decision is None else bool(decision)
@@ -536,7 +538,7 @@ def _write_results_pg(
     columns: dict[str, list[Any]] = {
         "uri": [result.uri for result in chunk],
         "size": [result.size for result in chunk],
-        "state": [ImageState.scored.value if ok else ImageState.failed.value for ok in scored],
+        "state": [ImageStatus.scored.value if ok else ImageStatus.failed.value for ok in scored],
         "failure_reason": [
             None if result.status == "scored" else (result.reason or "internal_error") for result in chunk
         ],
@@ -550,7 +552,7 @@ def _write_results_pg(
         "disagreement": _floats(result.disagreement for result in chunk),
         "thresholds": _thresholds_json(result.thresholds for result in chunk),
     }
-    for arch in MODEL_ARCHITECTURES:
+    for arch in ARCHITECTURES:
         columns[f"{arch}_probability"] = _floats((r.probabilities or {}).get(arch) for r in chunk)
         columns[f"{arch}_decision"] = _bools((r.decisions or {}).get(arch) for r in chunk)
     params: dict[str, Any] = {
@@ -601,15 +603,15 @@ def finish_job_if_done(engine: Engine, job_id: int) -> bool:
             sa.update(scan_jobs)
             .where(
                 scan_jobs.c.id == job_id,
-                scan_jobs.c.state == JobState.running,
-                ~sa.exists().where(images.c.last_job_id == job_id, images.c.state == ImageState.queued),
+                scan_jobs.c.state == JobStatus.running,
+                ~sa.exists().where(images.c.last_job_id == job_id, images.c.state == ImageStatus.queued),
             )
-            .values(state=JobState.finished, finished_at=utcnow())
+            .values(state=JobStatus.finished, finished_at=utcnow())
         )
         state = conn.execute(
             sa.select(scan_jobs.c.state).where(scan_jobs.c.id == job_id)
         ).scalar_one_or_none()
-    return state == JobState.finished
+    return state == JobStatus.finished
 
 
 def requeue_failed(engine: Engine, job_id: int, reason: str | None = None) -> list[str]:
@@ -617,9 +619,9 @@ def requeue_failed(engine: Engine, job_id: int, reason: str | None = None) -> li
     with writer(engine).begin() as conn:
         stmt = (
             sa.update(images)
-            .where(images.c.last_job_id == job_id, images.c.state == ImageState.failed)
+            .where(images.c.last_job_id == job_id, images.c.state == ImageStatus.failed)
             .values(
-                state=ImageState.queued,
+                state=ImageStatus.queued,
                 attempt_count=0,
                 failure_reason=None,
                 failure_detail=None,
@@ -634,7 +636,7 @@ def requeue_failed(engine: Engine, job_id: int, reason: str | None = None) -> li
             conn.execute(
                 sa.update(scan_jobs)
                 .where(scan_jobs.c.id == job_id)
-                .values(state=JobState.running, finished_at=None)
+                .values(state=JobStatus.running, finished_at=None)
             )
     return [uri for _id, uri in rows]
 
@@ -650,11 +652,11 @@ def mark_failed(engine: Engine, job_id: int, uris: Sequence[str], reason: str, d
                 sa.update(images)
                 .where(
                     _uri_in(conn, batch),
-                    images.c.state == ImageState.queued,
+                    images.c.state == ImageStatus.queued,
                     sa.or_(images.c.last_job_id.is_(None), images.c.last_job_id == job_id),
                 )
                 .values(
-                    state=ImageState.failed,
+                    state=ImageStatus.failed,
                     failure_reason=reason,
                     failure_detail=detail or REASONS[reason],
                     updated_at=utcnow(),
@@ -670,13 +672,13 @@ def cancel_job(engine: Engine, job_id: int) -> int:
     with writer(engine).begin() as conn:
         skipped = conn.execute(
             sa.update(images)
-            .where(images.c.last_job_id == job_id, images.c.state == ImageState.queued)
-            .values(state=ImageState.skipped, updated_at=utcnow())
+            .where(images.c.last_job_id == job_id, images.c.state == ImageStatus.queued)
+            .values(state=ImageStatus.skipped, updated_at=utcnow())
         ).rowcount
         conn.execute(
             sa.update(scan_jobs)
-            .where(scan_jobs.c.id == job_id, scan_jobs.c.state == JobState.running)
-            .values(state=JobState.cancelled, finished_at=utcnow())
+            .where(scan_jobs.c.id == job_id, scan_jobs.c.state == JobStatus.running)
+            .values(state=JobStatus.cancelled, finished_at=utcnow())
         )
     return skipped
 

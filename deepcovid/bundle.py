@@ -20,6 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from deepcovid.networks import ARCHITECTURES, CLASSES, COVID_INDEX
 
 if TYPE_CHECKING:
@@ -392,3 +394,23 @@ def find_bundle(bundle_id: str, bundles_dir: Path | str) -> Bundle:
     raise BundleError(
         f"bundle {bundle_id} is not installed in {bundles_dir}; register it with `deepcovid bundle register`"
     )
+
+
+def check_preprocessing(bundle: Bundle, input_size: int, mean: Any, std: Any) -> None:
+    """Refuse a bundle trained with inputs this build's preprocessing does not produce."""
+    manifest = bundle.manifest
+    norm = manifest.get("normalization", {})
+
+    def same(recorded: Any, used: Any) -> bool:
+        recorded, used = np.asarray(recorded, dtype=float), np.asarray(used, dtype=float)
+        return recorded.shape == used.shape and bool(np.allclose(recorded, used, atol=1e-6))
+
+    if (
+        int(manifest.get("input_size", -1)) != int(input_size)
+        or not same(norm.get("mean", []), mean)
+        or not same(norm.get("std", []), std)
+    ):
+        raise BundleError(
+            f"bundle {bundle.bundle_id} expects input size {manifest.get('input_size')} and normalisation "
+            f"{norm}; this build preprocesses to {input_size} with mean {list(mean)} and std {list(std)}"
+        )

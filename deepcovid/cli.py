@@ -67,7 +67,7 @@ def _exit_code_for(exc: Exception) -> int | None:
     """Map the errors a user can fix (schema not migrated, database unreachable) to exit codes."""
     from sqlalchemy.exc import OperationalError
 
-    from db.engine import SchemaNotCurrent
+    from db.schema import SchemaNotCurrent
 
     if isinstance(exc, SchemaNotCurrent):
         return 3

@@ -34,8 +34,9 @@ def register_inspect(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.markup import escape
 
-        from deepcovid.decode import IMAGE_SUFFIXES, decode_path
+        from deepcovid.decode import decode_path
         from deepcovid.errors import ImageError
+        from deepcovid.formats import IMAGE_SUFFIXES
         from deepcovid.settings import get_settings
 
         missing = [p for p in paths if not Path(p).exists()]

@@ -23,6 +23,7 @@ import os
 import struct
 import warnings
 import zlib
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,30 +32,25 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from deepcovid.errors import DecodeError, StorageError
+from deepcovid.formats import PILLOW_FORMATS, is_dicom, sniff
 
-# Pillow formats worth trying; anything else (EPS runs Ghostscript, for one) is never opened.
-# JPEG also yields MPO (phone JPEGs carrying extra pictures).
-PIL_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "GIF", "WEBP")
-# Suffixes a directory walk treats as images; files without a suffix are tried too (DICOM often has none).
-IMAGE_SUFFIXES = frozenset(
-    {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".dcm", ".dicom"}
-)
 PROJECTION_MODALITIES = frozenset({"CR", "DX", "DR", "RG", "OT"})
-# DICOM attributes kept for audit. Patient name, id and birth date are deliberately absent.
-DICOM_KEYWORDS = (
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "SOPInstanceUID",
-    "Modality",
-    "ViewPosition",
-    "BodyPartExamined",
-)
-_MAGIC = {
-    b"\x89PNG": "PNG",
-    b"\xff\xd8\xff": "JPEG",
-    b"GIF8": "GIF",
-    b"II*\x00": "TIFF",
-    b"MM\x00*": "TIFF",
+# DICOM attributes kept for audit, each cut to the longest value its VR allows (UI 64, CS 16).
+# Patient name, id and birth date are deliberately absent.
+DICOM_KEYWORDS: dict[str, int] = {
+    "StudyInstanceUID": 64,
+    "SeriesInstanceUID": 64,
+    "SOPInstanceUID": 64,
+    "Modality": 16,
+    "ViewPosition": 16,
+    "BodyPartExamined": 16,
+}
+# The kept attributes the results database stores in columns of their own, by column name.
+DICOM_COLUMNS: dict[str, str] = {
+    "study_uid": "StudyInstanceUID",
+    "series_uid": "SeriesInstanceUID",
+    "sop_uid": "SOPInstanceUID",
+    "view": "ViewPosition",
 }
 # The (7FE0,0010) Pixel Data tag as it appears in little- and big-endian files.
 _PIXEL_DATA_TAG_LE = b"\xe0\x7f\x10\x00"
@@ -102,7 +98,7 @@ def decode(
         raise DecodeError("empty_file")
     limit = _pixel_limit(max_pixels)
     try:
-        if _is_dicom(data):
+        if is_dicom(data):
             return _decode_dicom(data, limit)
         return _decode_pil(data, limit, min_side, name)
     except DecodeError:
@@ -172,16 +168,12 @@ def _check_size(width: int, height: int, limit: int) -> None:
         raise DecodeError("corrupt", f"declared size {width}x{height}")
 
 
-def _is_dicom(data: bytes) -> bool:
-    return len(data) >= 132 and data[128:132] == b"DICM"
-
-
 # --- Pillow formats -------------------------------------------------------------------------------
 
 
 def _decode_pil(data: bytes, limit: int, min_side: int | None, name: str) -> DecodedImage:
     try:
-        img = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
+        img = Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
     except UnidentifiedImageError as exc:
         raise _unidentified(data, name) from exc
     except Image.DecompressionBombError as exc:
@@ -210,12 +202,12 @@ def _decode_pil(data: bytes, limit: int, min_side: int | None, name: str) -> Dec
 
 
 def _unidentified(data: bytes, name: str) -> DecodeError:
-    for magic, fmt in _MAGIC.items():
-        if data.startswith(magic):
-            if len(data) < 64:
-                return DecodeError("truncated", f"{len(data)} bytes: too short for a {fmt} header")
-            return DecodeError("corrupt", f"starts like {fmt} but its header cannot be read")
-    if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
+    fmt = sniff(data)
+    if fmt is not None and fmt.name in ("PNG", "JPEG", "GIF", "TIFF"):
+        if len(data) < 64:
+            return DecodeError("truncated", f"{len(data)} bytes: too short for a {fmt.name} header")
+        return DecodeError("corrupt", f"starts like {fmt.name} but its header cannot be read")
+    if fmt is not None and fmt.name == "WEBP":
         return DecodeError("corrupt", "starts like WebP but its header cannot be read")
     if name.lower().endswith((".dcm", ".dicom")):
         return DecodeError("not_an_image", "no DICOM 'DICM' marker at byte 128 (not a DICOM Part 10 file)")
@@ -406,7 +398,7 @@ def _integer_pixels_to_uint8(arr: np.ndarray, ds: Any) -> np.ndarray:
 
 def _dicom_audit(ds: Any) -> dict[str, str]:
     kept: dict[str, str] = {}
-    for keyword in DICOM_KEYWORDS:
+    for keyword, length in DICOM_KEYWORDS.items():
         try:
             value = ds.get(keyword)
         except Exception:
@@ -416,8 +408,14 @@ def _dicom_audit(ds: Any) -> dict[str, str]:
         text = "\\".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
         text = text.strip()
         if text:
-            kept[keyword] = text[:128]
+            kept[keyword] = text[:length]
     return kept
+
+
+def dicom_columns(info: Mapping[str, Any] | None) -> dict[str, str | None]:
+    """The ``DICOM_COLUMNS`` values of an image, from the ``info`` the decoder produced (None if absent)."""
+    dicom = (info or {}).get("dicom") or {}
+    return {column: dicom.get(keyword) or None for column, keyword in DICOM_COLUMNS.items()}
 
 
 # --- failure mapping ------------------------------------------------------------------------------

@@ -18,94 +18,28 @@ Disagreement is max - min of the networks' probabilities for the image.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 
-from deepcovid.bundle import POLICIES, Bundle, BundleError, load_bundle, load_networks
-from deepcovid.networks import COVID_INDEX
+from deepcovid.bundle import POLICIES, Bundle, check_preprocessing, load_bundle, load_networks
+from deepcovid.cpu import cpu_inference_threads, cpu_streams, partition_networks
+from deepcovid.devices import resolve_device
+from deepcovid.networks import COVID_INDEX, prepare_network
+from deepcovid.precision import autocast_dtype, validated_bf16_drift
+from deepcovid.preprocess import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE, normalize
+from deepcovid.results import ImageResult
+from deepcovid.settings import Settings, get_settings
+from deepcovid.status import ImageStatus
 
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
-
-    from deepcovid.results import ImageResult
-    from deepcovid.settings import Settings
-
-log = logging.getLogger(__name__)
-
-Precision = Literal["auto", "fp32", "fp16", "bf16"]
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-
-
-# One image through each network on one CPU core, in ms (AMD EPYC, AVX-512, fp32, batch 16, BatchNorm
-# folded). Only the ratios matter: they balance the networks across CPU streams.
-CPU_COST_MS = {"resnet18": 18.0, "resnet50": 51.0, "squeezenet1_1": 5.0, "densenet121": 45.0}
-
-
-def cpu_streams(configured: int, networks: int, device: torch.device) -> int:
-    """How many networks run at the same time on CPU: the configured count, else one per core (at most
-    one per network). Always 1 on CUDA, where kernels are queued asynchronously anyway.
-
-    Whole networks side by side, each on its own core, beat one network at a time over all cores:
-    OpenMP's per-layer barriers wait for whichever core the decode threads preempted (docs/performance.md).
-    """
-    if device.type != "cpu" or networks < 2:
-        return 1
-    wanted = configured if configured > 0 else (os.cpu_count() or 1)
-    return max(1, min(wanted, networks))
-
-
-def cpu_inference_threads(configured: int, device: torch.device, streams: int = 1) -> int:
-    """Torch threads per CPU stream: the configured count, else the cores shared out between streams."""
-    if configured > 0:
-        return configured
-    if device.type != "cpu":
-        return 0
-    return max(1, (os.cpu_count() or 1) // max(1, streams))
-
-
-def partition_networks(architectures: Sequence[str], streams: int) -> list[tuple[str, ...]]:
-    """Split the networks into ``streams`` groups of about equal CPU cost (longest first, to the
-    cheapest group), each group keeping the ensemble's order."""
-    groups: list[list[str]] = [[] for _ in range(max(1, min(streams, len(architectures))))]
-    loads = [0.0] * len(groups)
-    default = max(CPU_COST_MS.values())
-    for arch in sorted(architectures, key=lambda a: -CPU_COST_MS.get(a, default)):
-        k = loads.index(min(loads))
-        groups[k].append(arch)
-        loads[k] += CPU_COST_MS.get(arch, default)
-    order = {arch: i for i, arch in enumerate(architectures)}
-    return [tuple(sorted(group, key=order.__getitem__)) for group in groups]
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when available; ``cuda``/``cuda:N`` must exist; raises ValueError otherwise."""
-    import torch
-
-    name = (name or "auto").strip().lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda" or name.startswith("cuda:"):
-        try:
-            device = torch.device(name)
-        except RuntimeError as exc:
-            raise ValueError(f"invalid device {name!r}: {exc}") from exc
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} requested but CUDA is not available here; use cpu or auto")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist"
-            )
-        return device
-    raise ValueError(f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N")
+ENSEMBLE_KEY = "ensemble"
+"""The key of the ensemble's own threshold (and scores) beside the networks' in every per-scorer dict."""
 
 
 @dataclass
@@ -140,9 +74,7 @@ class ScoreBatch:
 
     def to_result(self, index: int, uri: str, **extra: Any) -> ImageResult:
         """A scored ``ImageResult`` for image ``index`` (``extra``: info, size)."""
-        from deepcovid.results import ImageResult
-
-        return ImageResult(uri=uri, status="scored", **self.result_fields(index), **extra)
+        return ImageResult(uri=uri, status=ImageStatus.scored, **self.result_fields(index), **extra)
 
 
 def combine(
@@ -185,106 +117,10 @@ def combine(
         ensemble_score=score,
         ensemble_decision=decision,
         disagreement=stacked.max(axis=0) - stacked.min(axis=0),
-        thresholds={**per_model, "ensemble": float(ensemble_threshold)},
+        thresholds={**per_model, ENSEMBLE_KEY: float(ensemble_threshold)},
         policy=policy,
         architectures=architectures,
     )
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX); elsewhere oneDNN emulates bf16,
-    which is slower than fp32."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = next((line for line in fh if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def synthetic_batch(count: int = 8, seed: int = 0) -> np.ndarray:
-    """A fixed uint8 ``[count,3,224,224]`` batch of smooth X-ray-like shapes with noise, for tests and
-    benchmarks that need realistic-looking input without patient images."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:224, 0:224] / 223.0
-    out = np.empty((count, 3, 224, 224), dtype=np.uint8)
-    for i in range(count):
-        a, b, c = rng.uniform(0.2, 1.0, 3)
-        img = 0.5 + 0.3 * np.sin(6 * a * xx + 3 * b * yy) * np.cos(4 * c * yy)
-        img += rng.normal(0, 0.05, img.shape)
-        out[i] = (np.clip(img, 0, 1) * 255).astype(np.uint8)
-    return out
-
-
-BF16_CHECK_KEY = "bf16_max_abs_diff"  # in a bundle's validation metrics: per network, measured by `train`
-
-
-def validated_bf16_drift(bundle: Bundle) -> float | None:
-    """The largest bf16-vs-fp32 change of a COVID probability that training measured on this bundle's
-    validation images (any network), or None when the bundle carries no such check."""
-    recorded = bundle.metrics.get("validation", {}).get(BF16_CHECK_KEY)
-    if not isinstance(recorded, dict) or any(arch not in recorded for arch in bundle.architectures):
-        return None
-    return max(float(recorded[arch]) for arch in bundle.architectures)
-
-
-def _autocast_dtype(
-    device: torch.device, precision: str, settings: Settings, bundle: Bundle | None = None
-) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32. On CPU ``auto`` follows ``settings.cpu_bf16``: in its
-    ``auto`` mode bf16 needs bf16 instructions and a bundle validated in bf16 within the tolerance."""
-    import torch
-
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
-    if precision == "fp32":
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if precision == "bf16" else torch.float16
-    if precision == "fp16":
-        raise ValueError("fp16 is only supported on CUDA; use fp32 or bf16 on CPU")
-    if precision == "bf16" or settings.cpu_bf16 == "on":
-        return torch.bfloat16
-    if settings.cpu_bf16 == "off" or not cpu_has_native_bf16():
-        return None
-    drift = validated_bf16_drift(bundle) if bundle is not None else None
-    if drift is None:
-        log.info("scoring in fp32: the bundle records no bf16 check on validation images")
-        return None
-    if drift > settings.bf16_tolerance:
-        log.info(
-            "scoring in fp32: bf16 moved validation probabilities by up to %.4f (tolerance %.4f)",
-            drift,
-            settings.bf16_tolerance,
-        )
-        return None
-    log.info("scoring in bf16: validated within %.4f of fp32 on the bundle's validation images", drift)
-    return torch.bfloat16
-
-
-def precision_drift(
-    networks: Mapping[str, nn.Module],
-    images: torch.Tensor,
-    dtype: torch.dtype,
-    device: torch.device,
-    batch_size: int = 32,
-) -> dict[str, float]:
-    """Per network, the largest |autocast(dtype) - fp32| COVID probability over uint8 ``images``
-    (``networks`` as ``prepare_network`` makes them, to measure what workers will run)."""
-    import torch
-
-    from deepcovid.preprocess import normalize
-
-    worst = dict.fromkeys(networks, 0.0)
-    with torch.inference_mode():
-        for start in range(0, int(images.shape[0]), batch_size):
-            inputs = normalize(images[start : start + batch_size].to(device))  # as Ensemble._prepare does
-            for arch, model in networks.items():
-                exact = torch.softmax(model(inputs).float(), dim=1)[:, COVID_INDEX]
-                with torch.autocast(device_type=device.type, dtype=dtype):
-                    fast = torch.softmax(model(inputs).float(), dim=1)[:, COVID_INDEX]
-                worst[arch] = max(worst[arch], float((fast - exact).abs().max()))
-    return worst
 
 
 class Ensemble:
@@ -328,23 +164,16 @@ class Ensemble:
         settings: Settings | None = None,
     ) -> Ensemble:
         """Load and verify the bundle, put its networks on ``device`` in eval mode, channels_last."""
-        import torch
-
-        from deepcovid.preprocess import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE
-
-        if settings is None:
-            from deepcovid.settings import get_settings
-
-            settings = get_settings()
+        settings = settings or get_settings()
         if not isinstance(bundle, Bundle):
             bundle = load_bundle(bundle)
-        _check_preprocessing(bundle, INPUT_SIZE, IMAGENET_MEAN, IMAGENET_STD)
+        check_preprocessing(bundle, INPUT_SIZE, IMAGENET_MEAN, IMAGENET_STD)
         target = resolve_device(device)
         streams = cpu_streams(settings.cpu_streams, len(bundle.architectures), target)
         threads = cpu_inference_threads(settings.torch_threads, target, streams)
         if threads:
             torch.set_num_threads(threads)
-        dtype = _autocast_dtype(target, precision, settings, bundle)
+        dtype = autocast_dtype(target, precision, settings, bundle)
         networks: dict[str, nn.Module] = {}
         for arch, model in load_networks(bundle).items():
             model = prepare_network(model, target)
@@ -356,17 +185,11 @@ class Ensemble:
     @property
     def bf16_drift(self) -> float | None:
         """What training measured of bf16 on this bundle, when this ensemble scores in bf16 on CPU."""
-        import torch
-
         if self.device.type != "cpu" or self.autocast_dtype != torch.bfloat16:
             return None
         return validated_bf16_drift(self.bundle)
 
     def _prepare(self, batch: torch.Tensor) -> torch.Tensor:
-        import torch
-
-        from deepcovid.preprocess import normalize
-
         if isinstance(batch, np.ndarray):
             batch = torch.from_numpy(batch)
         if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[1] != 3:
@@ -390,8 +213,6 @@ class Ensemble:
 
     def probabilities(self, batch: torch.Tensor) -> dict[str, np.ndarray]:
         """Each network's COVID probability for every image of a uint8 ``[B,3,224,224]`` batch."""
-        import torch
-
         if batch.shape[0] == 0:
             return {arch: np.zeros(0, dtype=np.float64) for arch in self.architectures}
         inputs = self._prepare(batch)
@@ -410,8 +231,6 @@ class Ensemble:
     def _run_group(self, architectures: Sequence[str], inputs: torch.Tensor) -> torch.Tensor:
         """COVID probabilities ``[networks, B]`` of some networks; inference mode and autocast are per
         thread, so each stream enters them itself."""
-        import torch
-
         autocast = (
             torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
             if self.autocast_dtype is not None
@@ -432,52 +251,3 @@ class Ensemble:
     def score(self, batch: torch.Tensor) -> ScoreBatch:
         """Probabilities, per-network decisions and the ensemble decision for one uint8 batch."""
         return combine(self.probabilities(batch), self.thresholds, self.policy, self.ensemble_threshold)
-
-
-def prepare_network(model: nn.Module, device: torch.device) -> nn.Module:
-    """A network as workers run it: eval mode, BatchNorm folded, channels_last on ``device``, no grads."""
-    import torch
-
-    model = fold_batchnorm(model.eval())
-    model = model.to(device, memory_format=torch.channels_last).eval()
-    return model.requires_grad_(False)
-
-
-def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """Fold every eval-mode BatchNorm that directly follows a convolution into that convolution.
-
-    One operation instead of two per layer at inference (all of a ResNet's BatchNorms; DenseNet's
-    stem only, its other norms precede their convolutions). A model in training mode, without
-    BatchNorm, or that torch.fx cannot trace is returned as it is.
-    """
-    from torch import nn
-
-    if model.training or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        return model
-    try:
-        from torch.fx.experimental.optimization import fuse
-
-        return fuse(model, inplace=False).eval()
-    except Exception as exc:  # tracing is best effort: the unfolded model scores the same, only slower
-        log.warning("BatchNorm not folded for %s (%s): scoring unfolded", type(model).__name__, exc)
-        return model
-
-
-def _check_preprocessing(bundle: Bundle, input_size: int, mean: Any, std: Any) -> None:
-    """Refuse a bundle trained with inputs this build's preprocessing does not produce."""
-    manifest = bundle.manifest
-    norm = manifest.get("normalization", {})
-
-    def same(recorded: Any, used: Any) -> bool:
-        recorded, used = np.asarray(recorded, dtype=float), np.asarray(used, dtype=float)
-        return recorded.shape == used.shape and bool(np.allclose(recorded, used, atol=1e-6))
-
-    if (
-        int(manifest.get("input_size", -1)) != int(input_size)
-        or not same(norm.get("mean", []), mean)
-        or not same(norm.get("std", []), std)
-    ):
-        raise BundleError(
-            f"bundle {bundle.bundle_id} expects input size {manifest.get('input_size')} and normalisation "
-            f"{norm}; this build preprocesses to {input_size} with mean {list(mean)} and std {list(std)}"
-        )

@@ -6,6 +6,8 @@ summaries) and a human ``detail``; callers never need to parse messages.
 
 from __future__ import annotations
 
+from deepcovid.exitcodes import ExitCode
+
 # Every reason an image can fail with. The database stores these strings verbatim.
 REASONS: dict[str, str] = {
     "empty_file": "the file has zero bytes",
@@ -46,3 +48,16 @@ class StorageError(ImageError):
 
 class TransientError(Exception):
     """A failure worth retrying later (database or S3 unreachable, throttling): not the image's fault."""
+
+
+class UserError(Exception):
+    """A problem the person running a command can fix: one line for them and a distinct exit code.
+
+    Raised by domain functions (pre-flight checks, the database opener); the CLI prints ``message`` and
+    exits with ``exit_code`` instead of a traceback.
+    """
+
+    def __init__(self, exit_code: ExitCode, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = ExitCode(exit_code)
+        self.message = message

@@ -13,17 +13,18 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import numpy as np
+
+from deepcovid.devices import batch_size_for
+from deepcovid.ensemble import Ensemble
 from deepcovid.errors import ImageError, TransientError
+from deepcovid.preprocess import collate, load_image
 from deepcovid.results import ImageResult
-
-if TYPE_CHECKING:
-    import numpy as np
-
-    from deepcovid.ensemble import Ensemble
-    from deepcovid.settings import Settings
-    from deepcovid.storage import Storage
+from deepcovid.settings import Settings
+from deepcovid.status import ImageStatus
+from deepcovid.storage import Storage
 
 # URIs may carry patient names in file names: they are logged at DEBUG only, counts at INFO.
 log = logging.getLogger(__name__)
@@ -56,8 +57,6 @@ def _name_of(uri: str) -> str:
 
 
 def _prepare(storage: Storage, uri: str, max_pixels: int, propagate: tuple[type[BaseException], ...]) -> Any:
-    from deepcovid.preprocess import load_image
-
     size: int | None = None
     try:
         data = storage.read(uri)
@@ -74,21 +73,6 @@ def _prepare(storage: Storage, uri: str, max_pixels: int, propagate: tuple[type[
         return ImageResult.failed(uri, "internal_error", type(exc).__name__, size=size)
 
 
-def _scored(uri: str, prepared: _Prepared, batch: Any, j: int) -> ImageResult:
-    return ImageResult(
-        uri=uri,
-        status="scored",
-        probabilities={arch: float(p[j]) for arch, p in batch.probabilities.items()},
-        decisions={arch: bool(d[j]) for arch, d in batch.decisions.items()},
-        ensemble_score=float(batch.ensemble_score[j]),
-        ensemble_decision=bool(batch.ensemble_decision[j]),
-        disagreement=float(batch.disagreement[j]),
-        thresholds={name: float(t) for name, t in batch.thresholds.items()},
-        info=prepared.info,
-        size=prepared.size,
-    )
-
-
 def _score_batch(
     uris: Sequence[str],
     pending: list[tuple[int, _Prepared]],
@@ -96,8 +80,6 @@ def _score_batch(
     propagate: tuple[type[BaseException], ...],
 ) -> list[tuple[int, ImageResult]]:
     """Score a batch; if the batch as a whole fails, score its images one by one to isolate the cause."""
-    from deepcovid.preprocess import collate
-
     try:
         batch = ensemble.score(collate([p.pixels for _, p in pending]))
     except propagate:
@@ -118,15 +100,10 @@ def _score_batch(
         for item in pending:
             out.extend(_score_batch(uris, [item], ensemble, propagate))
         return out
-    return [(i, _scored(uris[i], prepared, batch, j)) for j, (i, prepared) in enumerate(pending)]
-
-
-def batch_size_for(settings: Settings, device: Any) -> int:
-    """The configured batch size, else the default for the device: on CPU larger batches are slower
-    (batch 16 beat 8 and 32 in benchmarks/ensemble_throughput.py); a GPU needs more to stay busy."""
-    if settings.batch_size > 0:
-        return settings.batch_size
-    return 64 if getattr(device, "type", "cpu") == "cuda" else 16
+    return [
+        (i, batch.to_result(j, uris[i], info=prepared.info, size=prepared.size))
+        for j, (i, prepared) in enumerate(pending)
+    ]
 
 
 def score_chunk(
@@ -189,7 +166,7 @@ def score_chunk(
         pool.shutdown(wait=True, cancel_futures=True)
 
     done = [r for r in results if r is not None]
-    reasons = Counter(r.reason for r in done if r.status == "failed")
+    reasons = Counter(r.reason for r in done if r.status is ImageStatus.failed)
     log.info(
         "chunk of %d: %d scored, %d failed%s",
         len(uris),

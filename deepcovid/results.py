@@ -6,7 +6,9 @@ Kept free of torch so the database layer and the CLI can import it cheaply.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
+
+from deepcovid.status import ImageStatus
 
 
 @dataclass
@@ -14,11 +16,11 @@ class ImageResult:
     """The outcome for one image URI: either a score or a failure with its reason."""
 
     uri: str
-    status: Literal["scored", "failed"]
-    # Failure (status == "failed"): a reason from deepcovid.errors.REASONS and a human detail.
+    status: ImageStatus
+    # Failure (status failed): a reason from deepcovid.errors.REASONS and a human detail.
     reason: str | None = None
     detail: str | None = None
-    # Score (status == "scored"): per-architecture COVID probability and decision at its threshold.
+    # Score (status scored): per-architecture COVID probability and decision at its threshold.
     probabilities: dict[str, float] = field(default_factory=dict)
     decisions: dict[str, bool] = field(default_factory=dict)
     ensemble_score: float | None = None
@@ -31,9 +33,16 @@ class ImageResult:
     info: dict[str, Any] = field(default_factory=dict)
     size: int | None = None  # bytes read
 
+    def __post_init__(self) -> None:
+        self.status = ImageStatus(self.status)
+
     @classmethod
     def failed(cls, uri: str, reason: str, detail: str = "", **kw: Any) -> ImageResult:
-        return cls(uri=uri, status="failed", reason=reason, detail=detail, **kw)
+        return cls(uri=uri, status=ImageStatus.failed, reason=reason, detail=detail, **kw)
+
+    @property
+    def scored(self) -> bool:
+        return self.status is ImageStatus.scored
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

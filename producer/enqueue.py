@@ -244,7 +244,8 @@ def check_database(settings: Settings) -> Engine:
     from sqlalchemy import text
     from sqlalchemy.exc import DBAPIError, OperationalError
 
-    from db.engine import SchemaNotCurrent, ensure_schema_current, make_engine
+    from db.engine import make_engine
+    from db.schema import SchemaNotCurrent, ensure_schema_current
     from deepcovid.settings import mask_url
 
     url = settings.effective_database_url

@@ -76,7 +76,8 @@ def open_database(settings: Settings) -> Engine:
     """The results database; the default embedded SQLite file is created and migrated on first use."""
     from sqlalchemy import inspect
 
-    from db.engine import SchemaNotCurrent, ensure_schema_current, make_engine
+    from db.engine import make_engine
+    from db.schema import SchemaNotCurrent, ensure_schema_current
     from producer.enqueue import check_database
 
     embedded = settings.database_url is None or not settings.database_url.get_secret_value()

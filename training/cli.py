@@ -88,8 +88,8 @@ def train_command(
 ) -> None:
     """Fine-tune the networks on labelled X-rays; write a bundle with thresholds chosen on validation data."""
     from deepcovid.bundle import BundleError
-    from deepcovid.ensemble import validated_bf16_drift
     from deepcovid.networks import PretrainedWeightsUnavailable
+    from deepcovid.precision import validated_bf16_drift
     from deepcovid.settings import get_settings
     from training.data import DataError
     from training.train import ResumeError, TrainArgs, main

@@ -33,7 +33,8 @@ def open_registry(settings: Settings) -> Engine:
     """An engine on the configured database, checked to be at the current schema."""
     import sqlalchemy as sa
 
-    from db.engine import SchemaNotCurrent, ensure_schema_current, make_engine
+    from db.engine import make_engine
+    from db.schema import SchemaNotCurrent, ensure_schema_current
 
     try:
         engine = make_engine(settings.effective_database_url)

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from deepcovid.ensemble import BF16_CHECK_KEY
 from deepcovid.networks import ARCHITECTURES, COVID_INDEX
+from deepcovid.precision import BF16_CHECK_KEY
 from training.checkpoint import load_checkpoint, read_state, save_checkpoint
 from training.data import (
     CachedImages,
@@ -493,7 +493,8 @@ def main(args: TrainArgs) -> Any:
     Returns the saved ``deepcovid.bundle.Bundle``. With a test set, also writes an evaluation report.
     """
     from deepcovid.bundle import save_bundle
-    from deepcovid.ensemble import combine, resolve_device
+    from deepcovid.devices import resolve_device
+    from deepcovid.ensemble import combine
 
     started_at = datetime.now(timezone.utc)
     clock = time.perf_counter()
@@ -603,7 +604,8 @@ def bf16_check(fits: dict[str, FitResult], val: DecodedSet, limit: int) -> dict[
     scores in bf16 only where this stays within its tolerance (``DEEPCOVID_BF16_TOLERANCE``)."""
     import copy
 
-    from deepcovid.ensemble import precision_drift, prepare_network
+    from deepcovid.networks import prepare_network
+    from deepcovid.precision import precision_drift
 
     cpu = torch.device("cpu")
     served = {arch: prepare_network(copy.deepcopy(fit.model).float(), cpu) for arch, fit in fits.items()}

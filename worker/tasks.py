@@ -54,7 +54,8 @@ def _reset_after_fork() -> None:
 
 def _engine_for(settings: Settings) -> Engine:
     """The database engine (cached per URL by db.engine), its schema checked once per process."""
-    from db.engine import ensure_schema_current, make_engine
+    from db.engine import make_engine
+    from db.schema import ensure_schema_current
 
     _reset_after_fork()
     url = settings.effective_database_url
@@ -100,7 +101,7 @@ def retryable_errors() -> tuple[type[BaseException], ...]:
     from botocore import exceptions as botocore_errors
     from sqlalchemy import exc as sqlalchemy_errors
 
-    from db.engine import SchemaNotCurrent
+    from db.schema import SchemaNotCurrent
 
     kinds: list[type[BaseException]] = [
         TransientError,
@@ -126,9 +127,10 @@ def _chunk_state(engine: Engine, job_id: int, uris: Sequence[str]) -> dict[str, 
     """For each known URI: (already finished in this job, attempt count so far)."""
     import sqlalchemy as sa
 
-    from db.models import Image, ImageState
+    from db.models import Image
+    from deepcovid.status import ImageStatus
 
-    finished_states = (ImageState.scored, ImageState.failed)
+    finished_states = (ImageStatus.scored, ImageStatus.failed)
     out: dict[str, tuple[bool, int]] = {}
     unique = list(dict.fromkeys(uris))
     with engine.connect() as connection:

@@ -9,9 +9,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from db.engine import make_engine
-from db.models import Image, ImageState, Prediction
+from db.models import Image, Prediction
 from db.writes import ImageRef, create_job, record_attempts, register_images, write_results
 from deepcovid.results import ImageResult
+from deepcovid.status import ImageStatus
 
 PROCESSES = 4
 CHUNKS = 12
@@ -82,6 +83,6 @@ def test_concurrent_writers(migrated_url: str, migrated_engine: Engine) -> None:
         )
         attempts = conn.execute(sa.select(sa.func.max(Image.__table__.c.attempt_count))).scalar_one()
     assert predictions == PROCESSES * CHUNKS * CHUNK
-    assert states[ImageState.scored] == PROCESSES * CHUNKS * CHUNK
-    assert states[ImageState.queued] == CHUNKS * 500
+    assert states[ImageStatus.scored] == PROCESSES * CHUNKS * CHUNK
+    assert states[ImageStatus.queued] == CHUNKS * 500
     assert attempts == 1

@@ -7,9 +7,10 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from db.engine import SchemaNotCurrent, ensure_schema_current, make_engine
+from db.engine import make_engine
 from db.migrate import current, downgrade, head_revisions, upgrade
 from db.models import Base
+from db.schema import SchemaNotCurrent, ensure_schema_current
 
 TABLES = {"scan_jobs", "images", "predictions", "bundles"}
 

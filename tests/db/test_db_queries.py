@@ -11,7 +11,6 @@ from collections.abc import Callable
 import pytest
 from sqlalchemy.engine import Engine
 
-from db.models import ImageState, JobState
 from db.queries import (
     RESULT_FIELDS,
     UnknownJob,
@@ -24,6 +23,7 @@ from db.queries import (
 )
 from db.writes import ImageRef, create_job, finish_job_if_done, register_images, write_results
 from deepcovid.results import ImageResult
+from deepcovid.status import ImageStatus, JobStatus
 
 MakeScored = Callable[..., ImageResult]
 
@@ -63,7 +63,7 @@ def test_job_progress(migrated_engine: Engine, known_job: int) -> None:
     assert (progress.queued, progress.scored, progress.failed, progress.done) == (2, 5, 3, 8)
     assert progress.failed_by_reason == {"corrupt": 2, "not_found": 1}
     assert progress.flagged == 2
-    assert progress.state == JobState.running
+    assert progress.state == JobStatus.running
     assert progress.options == {"note": "fixture"}
     assert progress.created_at.tzinfo is not None
     assert progress.rate_per_s > 0  # 8 images finished within the last minute
@@ -81,7 +81,7 @@ def test_progress_of_finished_job(migrated_engine: Engine, known_job: int, make_
     )
     assert finish_job_if_done(migrated_engine, known_job)
     progress = job_progress(migrated_engine, known_job)
-    assert progress.state == JobState.finished and progress.finished_at is not None
+    assert progress.state == JobStatus.finished and progress.finished_at is not None
     assert progress.eta_s == 0.0 and progress.queued == 0
 
 
@@ -146,7 +146,7 @@ def test_export_jsonl_flagged(migrated_engine: Engine, known_job: int) -> None:
 def test_image_audit(migrated_engine: Engine, known_job: int) -> None:
     audit = image_audit(migrated_engine, "/archive/0.png")
     assert audit is not None
-    assert audit.state == ImageState.scored and audit.attempts == 0 and audit.last_job_id == known_job
+    assert audit.state == ImageStatus.scored and audit.attempts == 0 and audit.last_job_id == known_job
     assert sorted(p.bundle_id for p in audit.predictions) == ["b1", "other"]
     assert {p.worker_host for p in audit.predictions} == {"w"}
     assert all(p.scored_at is not None and p.scored_at.tzinfo is not None for p in audit.predictions)

@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from db.models import Image, ImageState, JobState, Prediction, ScanJob
+from db.models import Image, Prediction, ScanJob
 from db.writes import (
     ImageRef,
     cancel_job,
@@ -22,6 +22,7 @@ from db.writes import (
     write_results,
 )
 from deepcovid.results import ImageResult
+from deepcovid.status import ImageStatus, JobStatus
 
 MakeScored = Callable[..., ImageResult]
 
@@ -53,11 +54,11 @@ def test_create_job_and_register(migrated_engine: Engine) -> None:
     assert uris == [f"/archive/{i:05d}.png" for i in range(12)]
     rows = _rows(migrated_engine, Image.__table__)
     assert len(rows) == 12
-    assert {row["state"] for row in rows} == {ImageState.queued}
+    assert {row["state"] for row in rows} == {ImageStatus.queued}
     assert {row["last_job_id"] for row in rows} == {job}
     assert rows[3]["size"] == 103 and rows[3]["storage"] == "file"
     (job_row,) = _rows(migrated_engine, ScanJob.__table__)
-    assert job_row["state"] == JobState.running and job_row["options"] == {"rescore": False}
+    assert job_row["state"] == JobStatus.running and job_row["options"] == {"rescore": False}
 
 
 def test_register_duplicates_in_one_batch(migrated_engine: Engine) -> None:
@@ -94,9 +95,9 @@ def test_same_chunk_twice_leaves_same_rows(migrated_engine: Engine, make_scored:
     assert strip(images_twice) == strip(images_once)
     assert strip(predictions_twice) == strip(predictions_once)
     failed = _image(migrated_engine, uris[8])
-    assert failed.state == ImageState.failed
+    assert failed.state == ImageStatus.failed
     assert (failed.failure_reason, failed.failure_detail) == ("truncated", "ends early")
-    assert _image(migrated_engine, uris[0]).state == ImageState.scored
+    assert _image(migrated_engine, uris[0]).state == ImageStatus.scored
 
 
 def test_prediction_columns(migrated_engine: Engine, make_scored: MakeScored) -> None:
@@ -158,7 +159,7 @@ def test_unknown_uri_is_created(migrated_engine: Engine, make_scored: MakeScored
         migrated_engine, job, [make_scored("/archive/new.png"), ImageResult.failed("s3://b/k.dcm", "corrupt")]
     )
     new = _image(migrated_engine, "/archive/new.png")
-    assert new.state == ImageState.scored and new.last_job_id == job
+    assert new.state == ImageStatus.scored and new.last_job_id == job
     assert _image(migrated_engine, "s3://b/k.dcm").storage == "s3"
     assert len(_rows(migrated_engine, Prediction.__table__)) == 1
 
@@ -174,13 +175,13 @@ def test_register_skips_images_scored_by_the_bundle(migrated_engine: Engine, mak
     again = register_images(migrated_engine, job2, "b1", _refs(6))
     assert again == uris[3:]  # the failed one and the never-scored ones
     scored = _image(migrated_engine, uris[0])
-    assert scored.state == ImageState.scored and scored.last_job_id == job2
+    assert scored.state == ImageStatus.scored and scored.last_job_id == job2
     retried = _image(migrated_engine, uris[3])
-    assert retried.state == ImageState.queued and retried.failure_reason is None
+    assert retried.state == ImageStatus.queued and retried.failure_reason is None
 
     job3 = create_job(migrated_engine, source="/archive", bundle_id="b1")
     assert register_images(migrated_engine, job3, "b1", _refs(6), rescore=True) == uris
-    assert _image(migrated_engine, uris[0]).state == ImageState.queued
+    assert _image(migrated_engine, uris[0]).state == ImageStatus.queued
 
     # Another bundle has no predictions yet: everything needs scoring.
     job4 = create_job(migrated_engine, source="/archive", bundle_id="b2")
@@ -211,14 +212,14 @@ def test_mark_failed_and_requeue(migrated_engine: Engine, make_scored: MakeScore
     # Only still-queued images change: the scored one keeps its result.
     changed = mark_failed(migrated_engine, job, uris[:3], "crashed_worker", "killed its worker 3 times")
     assert changed == [uris[2]]
-    assert _image(migrated_engine, uris[0]).state == ImageState.scored
+    assert _image(migrated_engine, uris[0]).state == ImageStatus.scored
     with pytest.raises(ValueError):
         mark_failed(migrated_engine, job, uris, "no_such_reason")
 
     assert requeue_failed(migrated_engine, job, reason="crashed_worker") == [uris[2]]
     row = _image(migrated_engine, uris[2])
-    assert row.state == ImageState.queued and row.attempt_count == 0 and row.failure_reason is None
-    assert _image(migrated_engine, uris[1]).state == ImageState.failed
+    assert row.state == ImageStatus.queued and row.attempt_count == 0 and row.failure_reason is None
+    assert _image(migrated_engine, uris[1]).state == ImageStatus.failed
     assert requeue_failed(migrated_engine, job) == [uris[1]]
     assert requeue_failed(migrated_engine, job) == []
 
@@ -231,11 +232,11 @@ def test_finish_job_if_done(migrated_engine: Engine, make_scored: MakeScored) ->
     _write(migrated_engine, job, [ImageResult.failed(uris[2], "corrupt")])
     assert finish_job_if_done(migrated_engine, job) is True
     (row,) = _rows(migrated_engine, ScanJob.__table__)
-    assert row["state"] == JobState.finished and row["finished_at"] is not None
+    assert row["state"] == JobStatus.finished and row["finished_at"] is not None
     # Requeueing reopens it.
     assert requeue_failed(migrated_engine, job) == [uris[2]]
     (row,) = _rows(migrated_engine, ScanJob.__table__)
-    assert row["state"] == JobState.running and row["finished_at"] is None
+    assert row["state"] == JobStatus.running and row["finished_at"] is None
 
 
 def test_cancel_job_skips_queued(migrated_engine: Engine, make_scored: MakeScored) -> None:
@@ -243,9 +244,9 @@ def test_cancel_job_skips_queued(migrated_engine: Engine, make_scored: MakeScore
     uris = register_images(migrated_engine, job, "b1", _refs(3))
     _write(migrated_engine, job, [make_scored(uris[0])])
     assert cancel_job(migrated_engine, job) == 2
-    assert _image(migrated_engine, uris[1]).state == ImageState.skipped
+    assert _image(migrated_engine, uris[1]).state == ImageStatus.skipped
     (row,) = _rows(migrated_engine, ScanJob.__table__)
-    assert row["state"] == JobState.cancelled
+    assert row["state"] == JobStatus.cancelled
 
 
 def test_stale_job_result_keeps_new_jobs_state(migrated_engine: Engine, make_scored: MakeScored) -> None:
@@ -256,7 +257,7 @@ def test_stale_job_result_keeps_new_jobs_state(migrated_engine: Engine, make_sco
     # A redelivered chunk of job 1 lands late: its prediction is kept, job 2's image stays queued.
     _write(migrated_engine, job1, [make_scored(uri)], bundle="b1")
     row = _image(migrated_engine, uri)
-    assert row.state == ImageState.queued and row.last_job_id == job2
+    assert row.state == ImageStatus.queued and row.last_job_id == job2
     assert [p["bundle_id"] for p in _rows(migrated_engine, Prediction.__table__)] == ["b1"]
 
 

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from deepcovid.bundle import MANIFEST, Bundle, BundleError, compute_bundle_id, load_bundle
-from deepcovid.ensemble import Ensemble, ScoreBatch, combine, resolve_device, synthetic_batch
+from deepcovid.devices import resolve_device
+from deepcovid.ensemble import Ensemble, ScoreBatch, combine
 from deepcovid.networks import ARCHITECTURES
+from tests.fixtures.images import synthetic_batch
 
 # bf16 autocast on CPU moved COVID probabilities by at most 0.009 (random-weight networks, real CXRs);
 # bf16 is only allowed where it stays within this bound.
@@ -217,7 +219,7 @@ def test_cuda_half_precision_matches_fp32(full_bundle: Bundle) -> None:
 def _with_bf16_check(bundle: Bundle, out: Path, drift: float) -> Bundle:
     """A copy of ``bundle`` whose validation metrics record a bf16 check with ``drift`` per network."""
     from deepcovid.bundle import load_networks, save_bundle
-    from deepcovid.ensemble import BF16_CHECK_KEY
+    from deepcovid.precision import BF16_CHECK_KEY
 
     metrics = {"validation": {BF16_CHECK_KEY: dict.fromkeys(bundle.architectures, drift)}}
     return save_bundle(out, load_networks(bundle), metrics=metrics)
@@ -226,7 +228,7 @@ def _with_bf16_check(bundle: Bundle, out: Path, drift: float) -> Bundle:
 def test_auto_bf16_needs_bf16_instructions_and_a_validated_bundle(
     small_bundle: Bundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from deepcovid import ensemble as ensemble_module
+    from deepcovid import precision as ensemble_module
     from deepcovid.settings import Settings
 
     auto = Settings(cpu_bf16="auto")
@@ -240,7 +242,7 @@ def test_auto_bf16_needs_bf16_instructions_and_a_validated_bundle(
     monkeypatch.setattr(ensemble_module, "cpu_has_native_bf16", lambda: True)
     fast = Ensemble.from_bundle(validated, "cpu", settings=auto)
     assert fast.precision == "bfloat16" and fast.label == "cpu bfloat16" and fast.bf16_drift == 0.004
-    with caplog.at_level("INFO", logger="deepcovid.ensemble"):
+    with caplog.at_level("INFO", logger="deepcovid.precision"):
         assert Ensemble.from_bundle(drifting, "cpu", settings=auto).precision == "fp32"
         assert Ensemble.from_bundle(small_bundle, "cpu", settings=auto).precision == "fp32"  # never checked
     assert "up to 0.0300 (tolerance 0.0100)" in caplog.text
@@ -258,7 +260,7 @@ def test_auto_bf16_needs_bf16_instructions_and_a_validated_bundle(
 
 def test_precision_drift_is_zero_in_fp32_and_small_in_bf16(small_bundle: Bundle) -> None:
     from deepcovid.bundle import load_networks
-    from deepcovid.ensemble import precision_drift
+    from deepcovid.precision import precision_drift
 
     networks = {arch: model.eval() for arch, model in load_networks(small_bundle).items()}
     images = xray_like_batch(6, seed=2)

@@ -10,16 +10,11 @@ import pytest
 import torch
 
 from deepcovid.bundle import load_bundle
-from deepcovid.ensemble import (
-    CPU_COST_MS,
-    Ensemble,
-    cpu_inference_threads,
-    cpu_streams,
-    partition_networks,
-    synthetic_batch,
-)
+from deepcovid.cpu import CPU_COST_MS, cpu_inference_threads, cpu_streams, partition_networks
+from deepcovid.ensemble import Ensemble
 from deepcovid.networks import ARCHITECTURES
 from deepcovid.settings import Settings
+from tests.fixtures.images import synthetic_batch
 
 CORES = os.cpu_count() or 1
 

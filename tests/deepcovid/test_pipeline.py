@@ -207,7 +207,7 @@ def test_empty_chunk(ensemble: Any, tmp_path: Path) -> None:
 def test_batch_size_defaults_per_device() -> None:
     import torch
 
-    from deepcovid.pipeline import batch_size_for
+    from deepcovid.devices import batch_size_for
 
     assert batch_size_for(Settings(batch_size=0), torch.device("cpu")) == 16
     assert batch_size_for(Settings(batch_size=0), torch.device("cuda")) == 64

@@ -97,7 +97,8 @@ def test_the_bundle_records_its_bf16_drift_on_validation_images(trained) -> None
     import torch
 
     from deepcovid.bundle import load_networks
-    from deepcovid.ensemble import BF16_CHECK_KEY, precision_drift, prepare_network, validated_bf16_drift
+    from deepcovid.networks import prepare_network
+    from deepcovid.precision import BF16_CHECK_KEY, precision_drift, validated_bf16_drift
     from training.data import decode_samples
 
     bundle, args, _ = trained

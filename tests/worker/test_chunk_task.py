@@ -124,7 +124,8 @@ def test_redelivery_skips_what_an_earlier_isolated_delivery_finished(
 
 
 def test_database_unreachable_is_retryable() -> None:
-    from db.engine import ensure_schema_current, make_engine
+    from db.engine import make_engine
+    from db.schema import ensure_schema_current
     from tests.fixtures.services import free_port
 
     engine = make_engine(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/nothing?connect_timeout=2")

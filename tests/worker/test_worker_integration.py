@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from db.models import Image, ImageState, Prediction, ScanJob
+from db.models import Image, Prediction, ScanJob
 from deepcovid.queue import make_celery, send_chunk
 from deepcovid.settings import Settings
+from deepcovid.status import ImageStatus
 from tests.fixtures.images import dicom_bytes, jpeg_bytes, xray_png_bytes
 from tests.fixtures.services import (
     RABBITMQ_URL,
@@ -63,7 +64,7 @@ def states(engine: Any, uris: list[str]) -> dict[str, tuple[str, str | None]]:
         rows = conn.execute(
             sa.select(Image.uri, Image.state, Image.failure_reason).where(Image.uri.in_(uris))
         )
-        return {uri: (ImageState(state).value, reason) for uri, state, reason in rows}
+        return {uri: (ImageStatus(state).value, reason) for uri, state, reason in rows}
 
 
 def wait_until_done(

@@ -1,0 +1,123 @@
+"""Every tunable default in one place, each with the reason for its value (python-rq's ``defaults.py``).
+
+Settings, commands and training read their defaults from here; none restates a number.
+"""
+
+from __future__ import annotations
+
+# --- queue and delivery -----------------------------------------------------------------------------
+
+QUEUE = "deepcovid"
+"""The Celery queue producers send chunks to and workers consume."""
+
+BROKER_URL = "redis://127.0.0.1:6379/0"
+"""The broker a single box runs: the local Redis."""
+
+CHUNK_SIZE = 256
+"""Image URIs per task message: minutes of work on a CPU worker, so a redelivery repeats little."""
+
+MAX_ATTEMPTS = 3
+"""Deliveries of an image whose chunk killed its worker before it fails as ``crashed_worker``."""
+
+MAX_RETRIES = 20
+"""Retries of a chunk on transient errors (database, S3, broker) before Celery gives up on it."""
+
+RETRY_BACKOFF_MAX = 300
+"""Seconds: the longest wait between two retries of a chunk (the backoff doubles up to this)."""
+
+TASK_SOFT_TIME_LIMIT = 1800
+"""Seconds a chunk may run before the task is told to stop."""
+
+TASK_TIME_LIMIT = 2100
+"""Seconds after which a prefork pool process running a chunk is killed."""
+
+VISIBILITY_TIMEOUT = 7200
+"""Seconds before Redis redelivers an unacknowledged chunk: well above the hard time limit."""
+
+MAX_CACHED_ENSEMBLES = 2
+"""Ensembles a worker process keeps loaded; jobs rarely alternate between more bundles than this."""
+
+# --- scoring --------------------------------------------------------------------------------------
+
+CPU_BATCH_SIZE = 16
+"""Images per forward pass on CPU: batch 16 beat 8 and 32 in benchmarks/ensemble_throughput.py."""
+
+CUDA_BATCH_SIZE = 64
+"""Images per forward pass on CUDA: a GPU needs larger batches to stay busy."""
+
+BF16_TOLERANCE = 0.01
+"""Largest |bf16 - fp32| COVID probability on validation images that lets CPU workers use bf16."""
+
+BF16_CHECK_IMAGES = 512
+"""Validation images ``train`` scores in bf16 and fp32 to measure the drift (0 skips the check)."""
+
+ENSEMBLE_THRESHOLD = 0.5
+"""Ensemble threshold of a bundle that was not trained (``bundle init``); training chooses its own."""
+
+# --- input limits ---------------------------------------------------------------------------------
+
+MAX_IMAGE_PIXELS = 64_000_000
+"""Pixels an image may declare in its header before it is refused as ``too_large`` (8000 x 8000)."""
+
+MAX_FILE_BYTES = 512 * 1024 * 1024
+"""Bytes a file may have before it is refused as ``too_large`` without being read."""
+
+S3_MAX_ATTEMPTS = 5
+"""Attempts botocore makes for one S3 request before the chunk is retried later."""
+
+S3_REGION = "us-east-1"
+"""The region S3 clients sign for when none is configured (MinIO ignores it)."""
+
+# --- database -------------------------------------------------------------------------------------
+
+SQLITE_BUSY_TIMEOUT_S = 30.0
+"""Seconds a SQLite writer waits for the lock before giving up: several processes write at once."""
+
+REGISTER_BATCH = 5000
+"""Listed images registered per transaction: fast, yet SQLite's write lock is released often."""
+
+IN_BATCH = 1000
+"""URIs per ``UPDATE ... WHERE uri IN (...)`` statement."""
+
+STREAM_BATCH = 1000
+"""Rows fetched per round trip when results are streamed out (exports of any size in constant memory)."""
+
+RATE_WINDOW_S = 60.0
+"""Seconds of recent results over which a job's rate (and so its ETA) is measured."""
+
+# --- command output -------------------------------------------------------------------------------
+
+TOP_FLAGGED = 5
+"""Flagged images ``screen`` lists in its closing summary."""
+
+RESULTS_TABLE_ROWS = 50
+"""Rows ``results`` shows as a table unless told otherwise (exports have no limit)."""
+
+JOBS_LISTED = 20
+"""Recent jobs ``jobs`` lists unless told otherwise."""
+
+# --- training (Minaee et al. 2020 unless said) ----------------------------------------------------
+
+EPOCHS = 100
+"""Training epochs, as in the paper."""
+
+TRAIN_BATCH_SIZE = 100
+"""Training batch size, as in the paper."""
+
+LEARNING_RATE = 1e-4
+"""Adam learning rate, as in the paper."""
+
+VAL_FRACTION = 0.2
+"""Share of the labelled data (by patient) held out to choose thresholds and stop early."""
+
+TARGET_SENSITIVITY = 0.98
+"""Thresholds are the highest that reach this sensitivity on validation: the paper's operating point."""
+
+EVAL_BATCH_SIZE = 32
+"""Images per forward pass when evaluating a bundle."""
+
+BOOTSTRAP_RESAMPLES = 1000
+"""Stratified bootstrap resamples behind each AUC confidence interval."""
+
+TABLE_THRESHOLDS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+"""Thresholds of the paper's sensitivity/specificity table."""
