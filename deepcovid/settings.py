@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from deepcovid import defaults
+
 
 def _default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
@@ -26,33 +28,33 @@ class Settings(BaseSettings):
     # SQLAlchemy URL; empty means a SQLite file in data_dir. Production: postgresql+psycopg://...
     database_url: SecretStr | None = None
     # Celery broker: redis://... or amqp://...
-    broker_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
-    queue: str = "deepcovid"
+    broker_url: SecretStr = SecretStr(defaults.BROKER_URL)
+    queue: str = defaults.QUEUE
 
     # Workers read images only under these roots (comma separated). Empty: no local files are readable.
     storage_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     s3_endpoint_url: str | None = None
-    s3_region: str = "us-east-1"
+    s3_region: str = defaults.S3_REGION
     s3_access_key_id: SecretStr | None = None
     s3_secret_access_key: SecretStr | None = None
-    s3_max_attempts: int = 5
+    s3_max_attempts: int = defaults.S3_MAX_ATTEMPTS
 
     # Scoring
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    batch_size: int = 0  # images per forward pass; 0: 16 on CPU (fastest measured), 64 on CUDA
+    batch_size: int = 0  # images per forward pass; 0: defaults.CPU_BATCH_SIZE or CUDA_BATCH_SIZE
     decode_threads: int = Field(default_factory=lambda: os.cpu_count() or 2)
-    chunk_size: int = 256
+    chunk_size: int = defaults.CHUNK_SIZE
     # bf16 on CPU. auto: where the CPU computes bf16 natively and `train` measured the bundle's bf16
     # probabilities within bf16_tolerance of fp32 on its validation images; on: always; off: fp32.
     cpu_bf16: Literal["auto", "on", "off"] = "auto"
-    bf16_tolerance: float = 0.01  # largest |bf16 - fp32| validation COVID probability that allows bf16
+    bf16_tolerance: float = defaults.BF16_TOLERANCE  # largest |bf16 - fp32| validation COVID probability that allows bf16
     cpu_streams: int = 0  # networks run side by side on CPU; 0: one per core (at most one per network)
     torch_threads: int = 0  # per CPU stream; 0: the cores shared out between streams; on CUDA torch decides
     compile: bool = False  # torch.compile on CUDA
 
     # Input limits: refuse before decoding rather than exhaust memory.
-    max_image_pixels: int = 64_000_000
-    max_file_bytes: int = 512 * 1024 * 1024
+    max_image_pixels: int = defaults.MAX_IMAGE_PIXELS
+    max_file_bytes: int = defaults.MAX_FILE_BYTES
 
     # ImageNet weights: torchvision's hub cache is used when it holds them; otherwise this directory.
     imagenet_weights_dir: Path | None = None
@@ -61,11 +63,11 @@ class Settings(BaseSettings):
     bundles_dir: Path | None = None
 
     # Delivery
-    max_attempts: int = 3  # an image whose chunk killed its worker this many times fails as crashed_worker
-    task_soft_time_limit: int = 1800
-    task_time_limit: int = 2100
-    visibility_timeout: int = 7200
-    retry_backoff_max: int = 300
+    max_attempts: int = defaults.MAX_ATTEMPTS  # an image whose chunk killed its worker this many times fails as crashed_worker
+    task_soft_time_limit: int = defaults.TASK_SOFT_TIME_LIMIT
+    task_time_limit: int = defaults.TASK_TIME_LIMIT
+    visibility_timeout: int = defaults.VISIBILITY_TIMEOUT
+    retry_backoff_max: int = defaults.RETRY_BACKOFF_MAX
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
