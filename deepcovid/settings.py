@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     # bf16 on CPU. auto: where the CPU computes bf16 natively and `train` measured the bundle's bf16
     # probabilities within bf16_tolerance of fp32 on its validation images; on: always; off: fp32.
     cpu_bf16: Literal["auto", "on", "off"] = "auto"
-    bf16_tolerance: float = defaults.BF16_TOLERANCE  # largest |bf16 - fp32| validation COVID probability that allows bf16
+    bf16_tolerance: float = defaults.BF16_TOLERANCE  # largest |bf16 - fp32| validation probability for bf16
     cpu_streams: int = 0  # networks run side by side on CPU; 0: one per core (at most one per network)
     torch_threads: int = 0  # per CPU stream; 0: the cores shared out between streams; on CUDA torch decides
     compile: bool = False  # torch.compile on CUDA
@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     bundles_dir: Path | None = None
 
     # Delivery
-    max_attempts: int = defaults.MAX_ATTEMPTS  # an image whose chunk killed its worker this many times fails as crashed_worker
+    max_attempts: int = defaults.MAX_ATTEMPTS  # deliveries before an image that kills workers fails
     task_soft_time_limit: int = defaults.TASK_SOFT_TIME_LIMIT
     task_time_limit: int = defaults.TASK_TIME_LIMIT
     visibility_timeout: int = defaults.VISIBILITY_TIMEOUT
