@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from deepcovid.networks import ARCHITECTURES, CLASSES, COVID_INDEX
+from deepcovid import defaults
+from deepcovid.networks import ARCHITECTURES, CLASSES, COVID_INDEX, build_network
 
 if TYPE_CHECKING:
     import torch
@@ -32,7 +33,6 @@ FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
 MANIFEST = "manifest.json"
 POLICIES = ("mean", "majority", "any")
-DEFAULT_THRESHOLD = 0.5
 BUNDLE_ID_LENGTH = 16
 _BUNDLE_ID = re.compile(r"^[0-9a-f]{4,64}$")
 _REQUIRED_KEYS = (
@@ -137,7 +137,7 @@ def _check_thresholds(architectures: list[str], thresholds: Mapping[str, float] 
     unknown = set(given) - set(architectures)
     if unknown:
         raise BundleError(f"thresholds given for networks not in the bundle: {', '.join(sorted(unknown))}")
-    out = {arch: float(given.get(arch, DEFAULT_THRESHOLD)) for arch in architectures}
+    out = {arch: float(given.get(arch, defaults.ENSEMBLE_THRESHOLD)) for arch in architectures}
     for arch, value in out.items():
         if not 0.0 <= value <= 1.0:
             raise BundleError(f"threshold for {arch} must be within [0, 1], got {value}")
@@ -150,7 +150,7 @@ def save_bundle(
     *,
     thresholds: Mapping[str, float] | None = None,
     ensemble_policy: str = "mean",
-    ensemble_threshold: float = DEFAULT_THRESHOLD,
+    ensemble_threshold: float = defaults.ENSEMBLE_THRESHOLD,
     provenance: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
     created_at: str | None = None,
@@ -160,11 +160,11 @@ def save_bundle(
     The directory appears only when complete (written beside it, then renamed). Thresholds default to
     0.5; ``created_at`` defaults to now (UTC) and is part of the id.
     """
-    import torch
+    import torch  # torch: only the functions that touch weights import it, so manifests read light
     import torchvision
     from safetensors.torch import save_file
 
-    from deepcovid.preprocess import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE
+    from deepcovid.preprocess import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE  # torch: as above
 
     out = Path(out)
     architectures = list(networks)
@@ -303,8 +303,6 @@ def load_networks(
     """
     from safetensors import SafetensorError
     from safetensors.torch import load as load_safetensors
-
-    from deepcovid.networks import build_network
 
     if not isinstance(bundle, Bundle):
         bundle = load_bundle(bundle)

@@ -33,6 +33,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from deepcovid.errors import DecodeError, StorageError
 from deepcovid.formats import PILLOW_FORMATS, is_dicom, sniff
+from deepcovid.settings import get_settings
 
 PROJECTION_MODALITIES = frozenset({"CR", "DX", "DR", "RG", "OT"})
 # DICOM attributes kept for audit, each cut to the longest value its VR allows (UI 64, CS 16).
@@ -128,8 +129,6 @@ def decode_path(
 def read_file(path: str | Path, *, max_bytes: int | None = None) -> bytes:
     """Read a whole local file, refusing files over ``max_bytes`` (default ``Settings.max_file_bytes``)."""
     if max_bytes is None:
-        from deepcovid.settings import get_settings
-
         max_bytes = get_settings().max_file_bytes
     path = Path(path)
     try:
@@ -152,8 +151,6 @@ def read_file(path: str | Path, *, max_bytes: int | None = None) -> bytes:
 
 def _pixel_limit(max_pixels: int | None) -> int:
     if max_pixels is None:
-        from deepcovid.settings import get_settings
-
         max_pixels = get_settings().max_image_pixels
     # Pillow refuses at twice its own limit during open; keep it above ours so ours decides.
     if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:

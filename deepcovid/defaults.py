@@ -52,7 +52,7 @@ BF16_CHECK_IMAGES = 512
 """Validation images ``train`` scores in bf16 and fp32 to measure the drift (0 skips the check)."""
 
 ENSEMBLE_THRESHOLD = 0.5
-"""Ensemble threshold of a bundle that was not trained (``bundle init``); training chooses its own."""
+"""Threshold of each network and of the ensemble where no training chose one (``bundle init``)."""
 
 # --- input limits ---------------------------------------------------------------------------------
 

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Union
 from urllib.parse import urlparse
 
+from deepcovid.settings import Settings, get_settings
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
-
-    from deepcovid.settings import Settings
 
 ARCHITECTURES: tuple[str, ...] = ("resnet18", "resnet50", "squeezenet1_1", "densenet121")
 CLASSES: tuple[str, ...] = ("non_covid", "covid")
@@ -74,10 +74,7 @@ def imagenet_weights_candidates(arch: str, settings: Settings | None = None) -> 
     """The local files checked, in order, for this network's ImageNet weights."""
     import torch
 
-    if settings is None:
-        from deepcovid.settings import get_settings
-
-        settings = get_settings()
+    settings = settings or get_settings()
     filename = imagenet_weights_filename(arch)
     candidates = [Path(torch.hub.get_dir()) / "checkpoints" / filename]
     if settings.imagenet_weights_dir is not None:

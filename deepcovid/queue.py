@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 from celery import Celery
 from kombu import Queue
 
+from deepcovid.settings import Settings, get_settings
+
 if TYPE_CHECKING:
     from celery.result import AsyncResult
-
-    from deepcovid.settings import Settings
 
 TASK_NAME = "deepcovid.score_chunk"
 
@@ -25,10 +25,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
     Results go to the SQL database, never to a Celery result backend; a chunk is acknowledged only
     after its results are written, so a worker that dies mid-chunk gives the chunk back.
     """
-    if settings is None:
-        from deepcovid.settings import get_settings
-
-        settings = get_settings()
+    settings = settings or get_settings()
 
     app = Celery("deepcovid")
     app.conf.update(
