@@ -12,6 +12,7 @@ class ExitCode(IntEnum):
     FAILURES = 1
     USAGE = 2
     SCHEMA_NOT_CURRENT = 3
+    BAD_SETTING = 4
     MISSING_PATH = 10
     UNREADABLE_PATH = 11
     NO_SUCH_BUCKET = 12
@@ -33,6 +34,7 @@ _MEANINGS: dict[ExitCode, str] = {
     ExitCode.FAILURES: "some files failed (`inspect`), a refused promotion, a bundle or training error",
     ExitCode.USAGE: "usage error (bad option, missing path for `inspect`)",
     ExitCode.SCHEMA_NOT_CURRENT: "database schema not current: run `deepcovid db upgrade`",
+    ExitCode.BAD_SETTING: "a setting (a DEEPCOVID_* variable or .env) has a value that is not allowed",
     ExitCode.MISSING_PATH: "`enqueue`/`screen`: source path does not exist",
     ExitCode.UNREADABLE_PATH: "source path cannot be read",
     ExitCode.NO_SUCH_BUCKET: "S3 bucket does not exist",

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from dotenv import dotenv_values
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from deepcovid import defaults
+from deepcovid.errors import UserError
+from deepcovid.exitcodes import ExitCode
+
+PREFIX = "DEEPCOVID_"
+ENV_FILE = ".env"
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
 def _default_data_dir() -> Path:
@@ -21,7 +31,7 @@ def _default_data_dir() -> Path:
 class Settings(BaseSettings):
     """Everything tunable, with defaults that work on one box with no services installed."""
 
-    model_config = SettingsConfigDict(env_prefix="DEEPCOVID_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=PREFIX, env_file=ENV_FILE, extra="ignore")
 
     # Where the embedded SQLite database, registered bundles and checkpoints live.
     data_dir: Path = Field(default_factory=_default_data_dir)
@@ -84,6 +94,14 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        word = value.strip().lower()
+        if not _DEVICE.match(word):
+            raise ValueError("expected auto, cpu, cuda or cuda:N")
+        return word
+
     @field_validator("storage_roots", mode="before")
     @classmethod
     def _split_roots(cls, value: object) -> object:
@@ -130,6 +148,59 @@ def mask_url(value: str) -> str:
     return f"{scheme}://{creds}@{host}"
 
 
+class SettingsError(UserError):
+    """A DEEPCOVID_* variable (or .env entry) holds a value its setting does not allow."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ExitCode.BAD_SETTING, message)
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    return Settings()
+    """The settings of this process, read once; a bad value raises SettingsError naming the variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise SettingsError(describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per bad setting: the variable, the value given and what is allowed."""
+    lines = []
+    for problem in exc.errors():
+        name = PREFIX + "_".join(str(part) for part in problem["loc"][:1]).upper()
+        given = problem.get("input")
+        shown = "***" if "secret" in name.lower() or "password" in name.lower() else given
+        allowed = problem["msg"].removeprefix("Value error, ")
+        lines.append(f"{name}={shown!s} is not allowed: {allowed}")
+    return "; ".join(lines)
+
+
+def unknown_variables(
+    environ: Mapping[str, str] | None = None, env_file: str | Path = ENV_FILE
+) -> list[tuple[str, str | None]]:
+    """DEEPCOVID_* names in the environment or ``env_file`` that no setting reads, each with the
+    closest known name (a typo such as DEEPCOVID_CHUNKSIZE would otherwise be silently ignored)."""
+    known = [PREFIX + name.upper() for name in Settings.model_fields]
+    given = dict(environ if environ is not None else os.environ)
+    if Path(env_file).is_file():
+        given.update({k: v or "" for k, v in dotenv_values(env_file).items()})
+    out = []
+    for name in sorted(given):
+        upper = name.upper()
+        if upper.startswith(PREFIX) and upper not in known and upper not in _NOT_SETTINGS:
+            # Compared without the prefix, which every name shares.
+            close = difflib.get_close_matches(upper[len(PREFIX) :], [k[len(PREFIX) :] for k in known], n=1)
+            out.append((name, PREFIX + close[0] if close else None))
+    return out
+
+
+# DEEPCOVID_* variables read by something other than Settings (tests and benchmarks).
+_NOT_SETTINGS = frozenset(
+    {
+        "DEEPCOVID_SHARED_DATA",
+        "DEEPCOVID_TEST_AMQP_URL",
+        "DEEPCOVID_TEST_PG_ADMIN_URL",
+        "DEEPCOVID_TEST_REDIS_URL",
+    }
+)
