@@ -1,8 +1,8 @@
-"""Reading image bytes from the local file system (only under configured roots) or from S3.
+"""Reading image bytes from local files (only beneath configured roots) or from S3 (only where allowed).
 
-Workers are handed URIs by whoever can reach the broker, so every local path is resolved and
-checked against the storage roots before it is opened: a URI must not be a way to read
-arbitrary files on a worker.
+Workers are handed URIs by whoever can reach the broker, so a URI must not be a way to read arbitrary
+files on a worker: a local path is opened beneath its root by the kernel, following no symlink
+(``deepcovid.beneath``), and an S3 URI is refused before any request unless DEEPCOVID_S3_ALLOW covers it.
 """
 
 from __future__ import annotations
@@ -76,14 +76,13 @@ def s3_allowed(settings: Settings, bucket: str, prefix: str = "") -> bool:
 
 
 def _allowed(allow: tuple[tuple[str, str], ...], bucket: str, key: str) -> bool:
+    # HTTP clients and some S3-compatible servers normalise dot segments, which would climb out of the
+    # prefix or even the bucket.
+    if {".", ".."} & set(key.split("/")):
+        return False
     for allowed_bucket, allowed_prefix in allow:
-        if bucket != allowed_bucket:
-            continue
-        if not allowed_prefix:
-            return True
-        # Some S3-compatible servers normalise dot segments, which would climb out of the prefix.
-        if key.rstrip("/") == allowed_prefix or (
-            key.startswith(allowed_prefix + "/") and not {".", ".."} & set(key.split("/"))
+        if bucket == allowed_bucket and (
+            not allowed_prefix or key.rstrip("/") == allowed_prefix or key.startswith(allowed_prefix + "/")
         ):
             return True
     return False
@@ -174,11 +173,9 @@ class Storage:
             except Exception as exc:
                 raise _s3_error(exc) from exc
             return int(head["ContentLength"])
-        fd = self._open_local(uri)
-        try:
-            return self._checked_fstat(fd).st_size
-        finally:
-            os.close(fd)
+        fd, st = self._open_local(uri)
+        os.close(fd)
+        return st.st_size
 
     @property
     def client(self) -> Any:
@@ -211,8 +208,8 @@ class Storage:
             "outside_storage_root", "the path lies outside the storage roots (DEEPCOVID_STORAGE_ROOTS)"
         )
 
-    def _open_local(self, uri: str) -> int:
-        """An fd of the file, opened beneath its root with no symlink followed; checked with fstat."""
+    def _open_local(self, uri: str) -> tuple[int, os.stat_result]:
+        """The file's fd, opened beneath its root with no symlink followed, and its checked fstat."""
         root, relative = self._locate(uri)
         try:
             root_fd = os.open(root, _DIRECTORY_FLAGS)
@@ -226,11 +223,10 @@ class Storage:
         finally:
             os.close(root_fd)
         try:
-            self._checked_fstat(fd)
+            return fd, self._checked_fstat(fd)
         except BaseException:
             os.close(fd)
             raise
-        return fd
 
     def _checked_fstat(self, fd: int) -> os.stat_result:
         try:
@@ -247,7 +243,7 @@ class Storage:
         return st
 
     def _read_local(self, uri: str) -> bytes:
-        fd = self._open_local(uri)
+        fd, _ = self._open_local(uri)
         try:
             with os.fdopen(fd, "rb", closefd=False) as fh:
                 data = fh.read(self.max_file_bytes + 1)

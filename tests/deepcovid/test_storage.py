@@ -234,6 +234,7 @@ def test_s3_allow_list_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not s3_allowed(settings, "scans")  # the whole bucket: more than 2024/
     assert not s3_allowed(settings, "scans", "2024-old/a.dcm")
     assert not s3_allowed(settings, "scans", "2024/../2023/a.dcm")
+    assert not s3_allowed(settings, "xrays", "../scans/2023/a.dcm")  # a normalising server: another bucket
     assert not s3_allowed(settings, "other", "a.dcm")
     assert not s3_allowed(Settings(s3_allow=[]), "xrays", "a.dcm")
 
