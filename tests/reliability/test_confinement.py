@@ -44,6 +44,7 @@ print(swaps)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("resolver", ["openat2", "walk"])
 def test_swapping_a_parent_for_a_symlink_never_reads_outside_the_root(
