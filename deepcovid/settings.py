@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     s3_access_key_id: SecretStr | None = None
     s3_secret_access_key: SecretStr | None = None
     s3_max_attempts: int = defaults.S3_MAX_ATTEMPTS
+    # Buckets workers may read (comma separated ``bucket`` or ``bucket/prefix``). Empty: no S3 reads at all.
+    s3_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Read files with several hard links: a link to a file outside the roots cannot be told apart by path.
+    allow_hard_links: bool = False
 
     # Scoring
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -102,7 +106,7 @@ class Settings(BaseSettings):
             raise ValueError("expected auto, cpu, cuda or cuda:N")
         return word
 
-    @field_validator("storage_roots", mode="before")
+    @field_validator("storage_roots", "s3_allow", mode="before")
     @classmethod
     def _split_roots(cls, value: object) -> object:
         if isinstance(value, str):

@@ -1,8 +1,8 @@
-"""Reading image bytes from the local file system (only under configured roots) or from S3.
+"""Reading image bytes from local files (only beneath configured roots) or from S3 (only where allowed).
 
-Workers are handed URIs by whoever can reach the broker, so every local path is resolved and
-checked against the storage roots before it is opened: a URI must not be a way to read
-arbitrary files on a worker.
+Workers are handed URIs by whoever can reach the broker, so a URI must not be a way to read arbitrary
+files on a worker: a local path is opened beneath its root by the kernel, following no symlink
+(``deepcovid.beneath``), and an S3 URI is refused before any request unless DEEPCOVID_S3_ALLOW covers it.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from deepcovid.beneath import open_beneath
 from deepcovid.errors import StorageError, TransientError
 
 if TYPE_CHECKING:
@@ -24,7 +25,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 S3_SCHEME = "s3://"
-_READ_BLOCK = 1024 * 1024
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_DIRECTORY_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | _O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | _O_CLOEXEC
 
 # S3 error codes that mean "this object", "no access" or "try again later".
 _S3_NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "NotFound", "404"}
@@ -52,6 +55,37 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     if not bucket or not key:
         raise ValueError("an S3 URI needs both a bucket and a key: s3://bucket/key")
     return bucket, key
+
+
+def parse_s3_allow(entries: Iterable[str]) -> tuple[tuple[str, str], ...]:
+    """``DEEPCOVID_S3_ALLOW`` entries (``bucket`` or ``bucket/prefix``, ``s3://`` optional) as pairs."""
+    pairs = []
+    for entry in entries:
+        bucket, _, prefix = entry.strip().removeprefix(S3_SCHEME).partition("/")
+        if bucket:
+            pairs.append((bucket, prefix.strip("/")))
+    return tuple(pairs)
+
+
+def s3_allowed(settings: Settings, bucket: str, prefix: str = "") -> bool:
+    """Whether DEEPCOVID_S3_ALLOW lets every key under ``s3://bucket/prefix`` be read (a key is a prefix).
+
+    An allowed prefix names a folder: ``xrays/2024`` allows ``2024/...``, never ``2024-old/...``.
+    """
+    return _allowed(parse_s3_allow(settings.s3_allow), bucket, prefix)
+
+
+def _allowed(allow: tuple[tuple[str, str], ...], bucket: str, key: str) -> bool:
+    # HTTP clients and some S3-compatible servers normalise dot segments, which would climb out of the
+    # prefix or even the bucket.
+    if {".", ".."} & set(key.split("/")):
+        return False
+    for allowed_bucket, allowed_prefix in allow:
+        if bucket == allowed_bucket and (
+            not allowed_prefix or key.rstrip("/") == allowed_prefix or key.startswith(allowed_prefix + "/")
+        ):
+            return True
+    return False
 
 
 def s3_client(settings: Settings) -> Any:
@@ -87,8 +121,17 @@ def _os_error(exc: OSError) -> StorageError:
     if exc.errno == errno.EISDIR:
         return StorageError("is_a_directory")
     if exc.errno == errno.ELOOP:
-        return StorageError("unreadable", "too many levels of symbolic links")
+        return StorageError("outside_storage_root", "a symbolic link in the path: symlinks are not followed")
+    if exc.errno == errno.EXDEV:
+        return StorageError("outside_storage_root", "the path leads above its storage root")
+    if exc.errno == errno.ENXIO:
+        return StorageError("unreadable", "not a regular file")
     return StorageError("unreadable", f"{type(exc).__name__}: {os.strerror(exc.errno or 0)}")
+
+
+def _components(path: str) -> tuple[str, ...]:
+    """The names in an absolute path; ``..`` is kept for the kernel to refuse if it climbs above a root."""
+    return tuple(part for part in path.split("/") if part not in ("", "."))
 
 
 class Storage:
@@ -96,9 +139,19 @@ class Storage:
 
     def __init__(self, settings: Settings, extra_roots: Iterable[Path | str] = ()) -> None:
         self.settings = settings
-        roots = [*settings.storage_roots, *extra_roots]
-        self.roots: tuple[str, ...] = tuple(dict.fromkeys(os.path.realpath(os.fspath(r)) for r in roots))
+        configured = [os.fspath(r) for r in (*settings.storage_roots, *extra_roots)]
+        # Each root is resolved once, here: the root itself may be a symlink, nothing beneath it may.
+        self.roots: tuple[str, ...] = tuple(dict.fromkeys(os.path.realpath(r) for r in configured))
+        spellings = {}
+        for root in configured:
+            real = os.path.realpath(root)
+            spellings[_components(os.path.abspath(root))] = real
+            spellings[_components(real)] = real
+        # Longest first, so a URI is opened from the most specific root that names it.
+        self._spellings = sorted(spellings.items(), key=lambda item: -len(item[0]))
         self.max_file_bytes = settings.max_file_bytes
+        self.allow_hard_links = settings.allow_hard_links
+        self.s3_allow = parse_s3_allow(settings.s3_allow)
         self._client: Any = None
         self._client_pid: int | None = None
         self._client_lock = threading.Lock()
@@ -120,32 +173,9 @@ class Storage:
             except Exception as exc:
                 raise _s3_error(exc) from exc
             return int(head["ContentLength"])
-        path = self.resolve(uri)
-        try:
-            st = os.stat(path)
-        except OSError as exc:
-            raise _os_error(exc) from exc
-        _check_regular(st, self.max_file_bytes)
+        fd, st = self._open_local(uri)
+        os.close(fd)
         return st.st_size
-
-    def resolve(self, uri: str) -> str:
-        """The real path of a local URI, refused unless it lies under a storage root."""
-        path = uri[len("file://") :] if uri.startswith("file://") else uri
-        if not self.roots:
-            raise StorageError(
-                "outside_storage_root",
-                "no storage roots are configured: set DEEPCOVID_STORAGE_ROOTS to the archive directories",
-            )
-        if not os.path.isabs(path):
-            raise StorageError("outside_storage_root", "local URIs must be absolute paths")
-        real = os.path.realpath(path)
-        for root in self.roots:
-            if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
-                return real
-        raise StorageError(
-            "outside_storage_root",
-            "the path resolves outside the configured storage roots (DEEPCOVID_STORAGE_ROOTS)",
-        )
 
     @property
     def client(self) -> Any:
@@ -160,23 +190,61 @@ class Storage:
 
     # -- local ------------------------------------------------------------------------------
 
+    def _locate(self, uri: str) -> tuple[str, str]:
+        """``(real root, path relative to it)`` for a local URI; refused unless it names a storage root."""
+        path = uri[len("file://") :] if uri.startswith("file://") else uri
+        if not self.roots:
+            raise StorageError(
+                "outside_storage_root",
+                "no storage roots are configured: set DEEPCOVID_STORAGE_ROOTS to the archive directories",
+            )
+        if not os.path.isabs(path):
+            raise StorageError("outside_storage_root", "local URIs must be absolute paths")
+        parts = _components(path)
+        for prefix, real in self._spellings:
+            if parts[: len(prefix)] == prefix:
+                return real, "/".join(parts[len(prefix) :]) or "."
+        raise StorageError(
+            "outside_storage_root", "the path lies outside the storage roots (DEEPCOVID_STORAGE_ROOTS)"
+        )
+
+    def _open_local(self, uri: str) -> tuple[int, os.stat_result]:
+        """The file's fd, opened beneath its root with no symlink followed, and its checked fstat."""
+        root, relative = self._locate(uri)
+        try:
+            root_fd = os.open(root, _DIRECTORY_FLAGS)
+        except OSError as exc:
+            raise _os_error(exc) from exc
+        try:
+            # O_NONBLOCK: opening a FIFO must not hang the worker (no effect on regular files).
+            fd = open_beneath(root_fd, relative, _FILE_FLAGS)
+        except OSError as exc:
+            raise _os_error(exc) from exc
+        finally:
+            os.close(root_fd)
+        try:
+            return fd, self._checked_fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _checked_fstat(self, fd: int) -> os.stat_result:
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            raise _os_error(exc) from exc
+        _check_regular(st, self.max_file_bytes)
+        if st.st_nlink > 1 and not self.allow_hard_links:
+            raise StorageError(
+                "outside_storage_root",
+                f"the file has {st.st_nlink} hard links, and a link to a file outside the storage roots "
+                "looks the same (DEEPCOVID_ALLOW_HARD_LINKS=true reads them)",
+            )
+        return st
+
     def _read_local(self, uri: str) -> bytes:
-        path = self.resolve(uri)
+        fd, _ = self._open_local(uri)
         try:
-            _check_regular(os.stat(path), self.max_file_bytes)
-        except OSError as exc:
-            raise _os_error(exc) from exc
-        # O_NONBLOCK: a FIFO swapped in after the check must not hang the worker (no effect on files).
-        flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-        try:
-            fd = os.open(path, flags)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                # The resolved path became a symlink after the check: refuse rather than follow.
-                raise StorageError("outside_storage_root", "the path changed into a symbolic link") from exc
-            raise _os_error(exc) from exc
-        try:
-            _check_regular(os.fstat(fd), self.max_file_bytes)
             with os.fdopen(fd, "rb", closefd=False) as fh:
                 data = fh.read(self.max_file_bytes + 1)
         except OSError as exc:
@@ -190,10 +258,16 @@ class Storage:
     # -- S3 ---------------------------------------------------------------------------------
 
     def _s3_location(self, uri: str) -> tuple[str, str]:
+        """``(bucket, key)``, refused before any request unless DEEPCOVID_S3_ALLOW covers it."""
         try:
-            return parse_s3_uri(uri)
+            bucket, key = parse_s3_uri(uri)
         except ValueError as exc:
             raise StorageError("not_found", str(exc)) from exc
+        if not _allowed(self.s3_allow, bucket, key):
+            raise StorageError(
+                "outside_storage_root", f"DEEPCOVID_S3_ALLOW does not cover this key of bucket {bucket!r}"
+            )
+        return bucket, key
 
     def _read_s3(self, uri: str) -> bytes:
         bucket, key = self._s3_location(uri)

@@ -1,4 +1,8 @@
-"""Storage: local reads confined to the storage roots, OS errors mapped to reasons, S3 through moto."""
+"""Storage: local reads confined to the storage roots, OS errors mapped to reasons, S3 through moto.
+
+Every local case runs twice: through openat2 and through the component-by-component walk that replaces it
+on kernels without openat2.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,23 @@ from pathlib import Path
 
 import pytest
 
+from deepcovid import beneath
 from deepcovid.errors import StorageError, TransientError
 from deepcovid.settings import Settings
-from deepcovid.storage import open_storage, parse_s3_uri
+from deepcovid.storage import open_storage, parse_s3_uri, s3_allowed
 
 
 def make_settings(roots: list[Path], **kw: object) -> Settings:
     return Settings(storage_roots=roots, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture(params=["openat2", "walk"], autouse=True)
+def resolver(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which way local paths are opened beneath their root."""
+    if request.param == "openat2" and not beneath.openat2_available():
+        pytest.skip("this kernel has no openat2")
+    monkeypatch.setattr(beneath, "OPENAT2", request.param == "openat2")
+    return str(request.param)
 
 
 @pytest.fixture
@@ -71,10 +85,11 @@ def test_symlink_escaping_the_root_is_refused(archive: Path, tmp_path: Path) -> 
     assert reason_of(storage, str(archive / "dirlink" / "secret.txt")) == "outside_storage_root"
 
 
-def test_symlink_inside_the_root_is_followed(archive: Path) -> None:
+def test_symlink_inside_the_root_is_refused(archive: Path) -> None:
+    # No symlink is followed beneath a root, even one pointing inside it: the check and the open are one.
     (archive / "alias.png").symlink_to(archive / "sub" / "a.png")
     storage = open_storage(make_settings([archive]))
-    assert storage.read(str(archive / "alias.png")) == b"hello"
+    assert reason_of(storage, str(archive / "alias.png")) == "outside_storage_root"
 
 
 def test_relative_paths_are_refused(archive: Path) -> None:
@@ -119,6 +134,7 @@ def test_parse_s3_uri() -> None:
 
 
 def s3_settings(server: object, **kw: object) -> Settings:
+    kw.setdefault("s3_allow", [])
     return Settings(
         s3_endpoint_url=server.endpoint_url,  # type: ignore[attr-defined]
         s3_access_key_id=server.access_key,  # type: ignore[attr-defined]
@@ -132,7 +148,8 @@ def test_s3_read_and_errors(s3_server: object, s3_bucket: tuple[object, str]) ->
     client, bucket = s3_bucket
     client.put_object(Bucket=bucket, Key="dir/a.png", Body=b"png bytes")  # type: ignore[attr-defined]
     client.put_object(Bucket=bucket, Key="big.png", Body=b"x" * 50)  # type: ignore[attr-defined]
-    storage = open_storage(s3_settings(s3_server, max_file_bytes=20))
+    allow = [bucket, f"no-such-bucket-{bucket}"]
+    storage = open_storage(s3_settings(s3_server, max_file_bytes=20, s3_allow=allow))
     assert storage.read(f"s3://{bucket}/dir/a.png") == b"png bytes"
     assert storage.stat(f"s3://{bucket}/dir/a.png") == 9
     assert reason_of(storage, f"s3://{bucket}/dir/missing.png") == "not_found"
@@ -149,6 +166,7 @@ def test_s3_unreachable_is_transient() -> None:
         s3_access_key_id="x",  # type: ignore[arg-type]
         s3_secret_access_key="y",  # type: ignore[arg-type]
         s3_max_attempts=1,
+        s3_allow=["bucket"],
     )
     with pytest.raises(TransientError):
         open_storage(settings).read("s3://bucket/key.png")
@@ -160,3 +178,99 @@ def test_s3_client_is_recreated_after_fork(s3_server: object) -> None:
     assert storage.client is first
     storage._client_pid = -1  # as if this object had been inherited through fork()
     assert storage.client is not first
+
+
+# --------------------------------------------------------------------------------------------------
+# Confinement: no symlink at any component, no hard link unless allowed, S3 only where allowed
+
+
+def test_dot_dot_that_stays_beneath_the_root_is_read(archive: Path) -> None:
+    storage = open_storage(make_settings([archive]))
+    assert storage.read(f"{archive}/sub/../sub/./a.png") == b"hello"
+    assert reason_of(storage, f"{archive}/sub/..") == "is_a_directory"
+    assert reason_of(storage, f"{archive}/..") == "outside_storage_root"
+
+
+def test_symlinked_parent_directory_inside_the_root_is_refused(archive: Path) -> None:
+    (archive / "alias").symlink_to(archive / "sub")
+    storage = open_storage(make_settings([archive]))
+    assert reason_of(storage, str(archive / "alias" / "a.png")) == "outside_storage_root"
+
+
+def test_the_root_itself_may_be_a_symlink(archive: Path, tmp_path: Path) -> None:
+    (tmp_path / "mounted").symlink_to(archive)
+    storage = open_storage(make_settings([tmp_path / "mounted"]))
+    assert storage.read(str(tmp_path / "mounted" / "sub" / "a.png")) == b"hello"
+    assert storage.read(str(archive / "sub" / "a.png")) == b"hello"  # the root's real path names it too
+
+
+def test_hard_link_is_refused_unless_allowed(archive: Path, tmp_path: Path) -> None:
+    """A hard link to a file outside the root has the same path shape as any file inside it."""
+    os.link(tmp_path / "secret.txt", archive / "linked.png")
+    storage = open_storage(make_settings([archive]))
+    with pytest.raises(StorageError) as info:
+        storage.stat(str(archive / "linked.png"))
+    assert info.value.reason == "outside_storage_root"
+    assert "DEEPCOVID_ALLOW_HARD_LINKS" in info.value.detail
+    assert reason_of(storage, str(archive / "linked.png")) == "outside_storage_root"
+    allowing = open_storage(make_settings([archive], allow_hard_links=True))
+    assert allowing.read(str(archive / "linked.png")) == b"do not read"
+
+
+def test_socket_is_unreadable_not_an_internal_error(archive: Path) -> None:
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(archive / "sock.png"))
+        assert reason_of(open_storage(make_settings([archive])), str(archive / "sock.png")) == "unreadable"
+
+
+def test_s3_allow_list_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEEPCOVID_S3_ALLOW", " xrays , s3://scans/2024/ ,")
+    settings = Settings()
+    assert settings.s3_allow == ["xrays", "s3://scans/2024/"]
+    assert s3_allowed(settings, "xrays") and s3_allowed(settings, "xrays", "any/key.dcm")
+    assert s3_allowed(settings, "scans", "2024") and s3_allowed(settings, "scans", "2024/")
+    assert s3_allowed(settings, "scans", "2024/03/a.dcm")
+    assert not s3_allowed(settings, "scans")  # the whole bucket: more than 2024/
+    assert not s3_allowed(settings, "scans", "2024-old/a.dcm")
+    assert not s3_allowed(settings, "scans", "2024/../2023/a.dcm")
+    assert not s3_allowed(settings, "xrays", "../scans/2023/a.dcm")  # a normalising server: another bucket
+    assert not s3_allowed(settings, "other", "a.dcm")
+    assert not s3_allowed(Settings(s3_allow=[]), "xrays", "a.dcm")
+
+
+def test_s3_reads_outside_the_allow_list_are_refused(
+    s3_server: object, s3_bucket: tuple[object, str]
+) -> None:
+    client, bucket = s3_bucket
+    for key in ("allowed/a.png", "private/b.png", "allowed-not/c.png"):
+        client.put_object(Bucket=bucket, Key=key, Body=b"bytes")  # type: ignore[attr-defined]
+    nothing = open_storage(s3_settings(s3_server))
+    assert reason_of(nothing, f"s3://{bucket}/allowed/a.png") == "outside_storage_root"
+    storage = open_storage(s3_settings(s3_server, s3_allow=[f"{bucket}/allowed"]))
+    assert storage.read(f"s3://{bucket}/allowed/a.png") == b"bytes"
+    assert storage.stat(f"s3://{bucket}/allowed/a.png") == 5
+    for key in ("private/b.png", "allowed-not/c.png", "allowed/../private/b.png"):
+        assert reason_of(storage, f"s3://{bucket}/{key}") == "outside_storage_root", key
+    with pytest.raises(StorageError) as info:
+        storage.stat(f"s3://{bucket}/private/b.png")
+    assert info.value.reason == "outside_storage_root"
+    assert "DEEPCOVID_S3_ALLOW" in info.value.detail
+
+
+def test_s3_refusal_sends_no_request() -> None:
+    """Nothing listens at the endpoint, so a request would be a TransientError: the refusal comes first."""
+    from tests.fixtures.services import free_port
+
+    settings = Settings(
+        s3_endpoint_url=f"http://127.0.0.1:{free_port()}",
+        s3_access_key_id="x",  # type: ignore[arg-type]
+        s3_secret_access_key="y",  # type: ignore[arg-type]
+        s3_max_attempts=1,
+        s3_allow=["other-bucket"],
+    )
+    storage = open_storage(settings)
+    assert reason_of(storage, "s3://bucket/key.png") == "outside_storage_root"
+    with pytest.raises(StorageError):
+        storage.stat("s3://bucket/key.png")

@@ -132,7 +132,7 @@ def test_enqueue_from_s3(
     client.put_object(Bucket=bucket, Key="scans/.trash/old.png", Body=b"hidden")
     client.put_object(Bucket=bucket, Key="scans-other/x.png", Body=b"other prefix")
     register_and_promote(url, tiny_bundle_path, bundles_dir)
-    env = worker_env | s3_server.env()
+    env = worker_env | s3_server.env() | {"DEEPCOVID_S3_ALLOW": bucket}
     for key, value in s3_server.env().items():
         os.environ[key] = value  # the in-process CLI reads them too; cleaned below
     try:

@@ -292,11 +292,10 @@ def test_compose_deployment_is_locked_down() -> None:
     compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
     services: dict[str, dict[str, Any]] = compose["services"]
 
+    # Flower's login comes from its environment (FLOWER_BASIC_AUTH), never from the command line.
     flower = services["flower"]
-    command = flower["command"]
-    command = command if isinstance(command, str) else " ".join(command)
-    auth = [part for part in command.split() if part.startswith("--basic-auth=")]
-    assert auth and ":" in auth[0].split("=", 1)[1], "Flower must run with --basic-auth=user:password"
+    auth = str((flower.get("environment") or {}).get("FLOWER_BASIC_AUTH", ""))
+    assert auth.startswith("${FLOWER_BASIC_AUTH:?"), "Flower must require FLOWER_BASIC_AUTH=user:password"
 
     for name, service in services.items():
         for port in service.get("ports", []):

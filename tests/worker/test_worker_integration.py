@@ -318,7 +318,7 @@ def test_s3_chunk_through_moto(
     all_uris = uris + [f"s3://{bucket}/xrays/bad.png", missing]
     job_id = register(migrated_engine, tiny_bundle_id, all_uris, source=f"s3://{bucket}/xrays/")
 
-    worker = start_worker(worker_env | s3_server.env())
+    worker = start_worker(worker_env | s3_server.env() | {"DEEPCOVID_S3_ALLOW": bucket})
     send(worker_env["DEEPCOVID_BROKER_URL"], worker_env["DEEPCOVID_QUEUE"], job_id, tiny_bundle_id, all_uris)
     final = wait_until_done(migrated_engine, all_uris, [worker])
     assert [final[u] for u in uris] == [("scored", None)] * 3
