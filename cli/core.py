@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.markup import escape
 
 from cli.render import console, fail, record_table, rows_table
 from deepcovid import defaults
-from deepcovid.bundle import Bundle, BundleError, find_bundle, load_bundle
-from deepcovid.inspection import image_files, inspect_files
 from deepcovid.settings import get_settings
+
+if TYPE_CHECKING:
+    from deepcovid.bundle import Bundle
 
 
 def config_command() -> None:
@@ -33,6 +35,8 @@ def inspect_command(
     Exit code 0 when every image decodes, 1 when some fail, 2 for a missing path.
     Patient data is never printed.
     """
+    from deepcovid.inspection import image_files, inspect_files  # numpy and Pillow: kept out of CLI start-up
+
     missing = [p for p in paths if not Path(p).exists()]
     if missing:
         raise typer.BadParameter(f"no such file or directory: {', '.join(missing)}", param_hint="PATHS")
@@ -102,6 +106,8 @@ def bundle_show_command(
     json_output: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """Verify a bundle (every file hash and its id) and print its manifest."""
+    from deepcovid.bundle import BundleError, find_bundle, load_bundle  # numpy: kept out of CLI start-up
+
     try:
         if Path(path).exists():
             bundle = load_bundle(Path(path))

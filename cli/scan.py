@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -21,7 +22,7 @@ from cli.render import console, err_console, fail, interruptible, number, rows_t
 from deepcovid.errors import TransientError
 from deepcovid.exitcodes import ExitCode
 from deepcovid.formats import ARCHIVE_SUFFIXES
-from deepcovid.settings import get_settings
+from deepcovid.settings import get_settings, mask_url
 
 if TYPE_CHECKING:
     from producer.enqueue import EnqueueSummary
@@ -206,8 +207,6 @@ def screen_command(
 
 def print_screen_summary(summary: ScreenSummary) -> None:
     """The closing report: counts, failure reasons, the top flagged images and where the results are."""
-    from producer.screen import display_database, top_flagged  # torch: kept out of CLI start-up
-
     interrupted = " (interrupted: run the same command again to resume)" if summary.interrupted else ""
     console.print(
         f"[bold]Job {summary.job_id}[/] with bundle {summary.bundle_id}{interrupted}\n"
@@ -219,7 +218,7 @@ def print_screen_summary(summary: ScreenSummary) -> None:
     if summary.failed:
         rows = [(reason, number(count)) for reason, count in summary.failed.most_common()]
         console.print(rows_table("Failures", ("reason", "images"), rows))
-    flagged = top_flagged(summary)
+    flagged = summary.highest_flagged()
     if flagged:
         rows = [(score(value), uri) for value, uri in flagged]
         console.print(rows_table(f"Top {len(flagged)} flagged", ("ensemble score", "image"), rows))
@@ -227,9 +226,16 @@ def print_screen_summary(summary: ScreenSummary) -> None:
         console.print(
             f"Bundle {summary.bundle_id} is now the active bundle (there was none).", highlight=False
         )
-    console.print(f"Results: {display_database(summary.database_url)}", highlight=False)
+    console.print(f"Results: {_where(summary.database_url)}", highlight=False)
     console.print(
         f"Export:  deepcovid results {summary.job_id} --format csv --out results.csv"
         f"   (flagged only: add --flagged)",
         highlight=False,
     )
+
+
+def _where(url: str) -> str:
+    """Where the results are: a file path for SQLite, a masked URL otherwise."""
+    if url.startswith("sqlite:///"):
+        return os.path.abspath(url[len("sqlite:///") :])
+    return mask_url(url)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import heapq
 import json
-import os
 import socket
 import tempfile
 from collections import Counter
@@ -32,7 +31,7 @@ from deepcovid.errors import UserError
 from deepcovid.exitcodes import ExitCode
 from deepcovid.pipeline import score_chunk
 from deepcovid.results import ImageResult
-from deepcovid.settings import Settings, get_settings, mask_url
+from deepcovid.settings import Settings, get_settings
 from deepcovid.storage import open_storage
 from producer.listing import Include, list_source, parse_include
 from producer.preflight import NO_BUNDLE_HELP, check_source
@@ -65,6 +64,10 @@ class ScreenSummary:
     @property
     def done(self) -> int:
         return self.scored + sum(self.failed.values())
+
+    def highest_flagged(self) -> list[tuple[float, str]]:
+        """The highest-scoring flagged images of this run, highest first."""
+        return sorted(self.top_flagged, reverse=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -235,15 +238,3 @@ def _tally(summary: ScreenSummary, results: list[ImageResult]) -> None:
                     heapq.heappushpop(summary.top_flagged, item)
         else:
             summary.failed[result.reason or "internal_error"] += 1
-
-
-def top_flagged(summary: ScreenSummary) -> list[tuple[float, str]]:
-    """The highest-scoring flagged images of this run, highest first."""
-    return sorted(summary.top_flagged, reverse=True)
-
-
-def display_database(url: str) -> str:
-    """Where the results are, for the closing message: a file path for SQLite, a masked URL otherwise."""
-    if url.startswith("sqlite:///"):
-        return os.path.abspath(url[len("sqlite:///") :])
-    return mask_url(url)
