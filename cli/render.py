@@ -6,8 +6,10 @@ error, a key/value record or a table the same way.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
@@ -79,3 +81,19 @@ def number(value: int) -> str:
 def score(value: float | None) -> str:
     """A probability or score for people: three decimals, empty when absent."""
     return "" if value is None else f"{value:.3f}"
+
+
+@contextlib.contextmanager
+def interruptible(message: str) -> Iterator[None]:
+    """Ctrl-C inside the block prints ``message`` (what was kept, how to resume) and exits 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        err_console.print(message, highlight=False)
+        raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+
+
+def save(table: Table, path: Path) -> None:
+    """Write a table to a file, wide enough that rows are not wrapped as a terminal would."""
+    with open(path, "w", encoding="utf-8") as fh:
+        Console(file=fh, width=200).print(table)

@@ -11,6 +11,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from itertools import islice
 from typing import Any, Literal, TextIO
 
 import sqlalchemy as sa
@@ -308,13 +309,15 @@ def export_results(
     fmt: Literal["csv", "jsonl"] = "csv",
     flagged_only: bool = False,
     *,
+    limit: int | None = None,
     batch_size: int = STREAM_BATCH,
 ) -> int:
-    """Write the job's results to ``out`` as CSV (with a header) or JSON lines; returns the row count."""
+    """Write the job's results (the first ``limit`` rows, if given) to ``out`` as CSV (with a header) or
+    JSON lines; returns the row count."""
     if fmt not in ("csv", "jsonl"):
         raise ValueError(f"unknown export format {fmt!r}: use csv or jsonl")
     count = 0
-    rows = iter_results(engine, job_id, flagged_only=flagged_only, batch_size=batch_size)
+    rows = islice(iter_results(engine, job_id, flagged_only=flagged_only, batch_size=batch_size), limit)
     if fmt == "csv":
         writer = csv.writer(out)
         writer.writerow(RESULT_FIELDS)

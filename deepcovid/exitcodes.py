@@ -35,7 +35,7 @@ _MEANINGS: dict[ExitCode, str] = {
     ExitCode.USAGE: "usage error (bad option, missing path for `inspect`)",
     ExitCode.SCHEMA_NOT_CURRENT: "database schema not current: run `deepcovid db upgrade`",
     ExitCode.BAD_SETTING: "a setting (a DEEPCOVID_* variable or .env) has a value that is not allowed",
-    ExitCode.MISSING_PATH: "`enqueue`/`screen`: source path does not exist",
+    ExitCode.MISSING_PATH: "source path missing (`enqueue`, `screen`)",
     ExitCode.UNREADABLE_PATH: "source path cannot be read",
     ExitCode.NO_SUCH_BUCKET: "S3 bucket does not exist",
     ExitCode.BUCKET_ACCESS_DENIED: "S3 bucket denies access",

@@ -12,24 +12,21 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from db.writes import ImageRef
-    from deepcovid.settings import Settings
+from db.writes import ImageRef
+from deepcovid.formats import ARCHIVE_SUFFIXES, SNIFF_BYTES, looks_like_archive_image
+from deepcovid.settings import Settings, get_settings
+from deepcovid.storage import s3_client
 
 log = logging.getLogger(__name__)
-
-# Formats the decoder reads. TIFF is left out on purpose: the decoder does not support it.
-DEFAULT_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
-SNIFF_BYTES = 132  # a DICOM preamble is 128 bytes followed by "DICM"
 
 
 @dataclass(frozen=True)
 class Include:
     """Which files of an archive are images: by extension, and optionally by sniffing the content."""
 
-    extensions: frozenset[str] = frozenset(DEFAULT_EXTENSIONS)
+    extensions: frozenset[str] = frozenset(ARCHIVE_SUFFIXES)
     sniff: bool = False  # files whose extension is not listed are kept when their first bytes are an image
     everything: bool = False  # every non-hidden file (failures are then recorded per file)
 
@@ -52,17 +49,8 @@ def parse_include(spec: str | None) -> Include:
     sniff = "sniff" in words
     extensions = frozenset("." + w.lstrip(".") for w in words if w != "sniff")
     if not extensions:
-        extensions = frozenset(DEFAULT_EXTENSIONS)
+        extensions = frozenset(ARCHIVE_SUFFIXES)
     return Include(extensions=extensions, sniff=sniff)
-
-
-def looks_like_image(head: bytes) -> bool:
-    """True when the first bytes are a PNG, a JPEG or a DICOM file with its preamble."""
-    return (
-        head.startswith(b"\x89PNG\r\n\x1a\n")
-        or head.startswith(b"\xff\xd8\xff")
-        or (len(head) >= 132 and head[128:132] == b"DICM")
-    )
 
 
 def _extension(name: str) -> str:
@@ -91,7 +79,7 @@ def _included(name: str, include: Include, sniff: Callable[[], bool]) -> bool:
 def _sniff_file(path: str) -> bool:
     try:
         with open(path, "rb") as fh:
-            return looks_like_image(fh.read(SNIFF_BYTES))
+            return looks_like_archive_image(fh.read(SNIFF_BYTES))
     except OSError:
         return False
 
@@ -108,8 +96,6 @@ def walk_local(
     escaping the archive), symlinked files are yielded and left to the storage roots to accept or refuse.
     A subdirectory that cannot be read is reported to ``on_error`` and skipped.
     """
-    from db.writes import ImageRef
-
     include = include or Include()
     extensions, everything, sniff = include.extensions, include.everything, include.sniff
     utc = timezone.utc
@@ -184,13 +170,8 @@ def walk_s3(
     Keys with a hidden path component below the prefix and folder markers are skipped. Sniffing costs one
     ranged GET per object whose extension is not listed.
     """
-    from db.writes import ImageRef
-
     include = include or Include()
     if client is None:
-        from deepcovid.settings import get_settings
-        from deepcovid.storage import s3_client
-
         client = s3_client(settings or get_settings())
     prefix = s3_prefix(prefix)
     paginator = client.get_paginator("list_objects_v2")
@@ -217,7 +198,7 @@ def walk_s3(
 def _sniff_s3(client: Any, bucket: str, key: str) -> bool:
     try:
         response = client.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{SNIFF_BYTES - 1}")
-        return looks_like_image(response["Body"].read())
+        return looks_like_archive_image(response["Body"].read())
     except Exception:  # an object we cannot read is not listed; scoring it would only fail the same way
         return False
 

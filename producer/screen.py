@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import heapq
 import json
-import os
 import socket
 import tempfile
 from collections import Counter
@@ -17,27 +16,26 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from producer.enqueue import (
-    EXIT_NO_BUNDLE,
-    EXIT_SCHEMA_NOT_CURRENT,
-    NO_BUNDLE_HELP,
-    REGISTER_BATCH,
-    PreflightError,
-    batched,
-    check_local_source,
-    check_s3_source,
-)
+from sqlalchemy.engine import Engine
+
+from db.registry import UnknownBundle, active_bundle, get_bundle, register_bundle, set_active
+from db.schema import open_database
+from db.writes import create_job, finish_job_if_done, register_images, write_results
+from deepcovid.batching import batched
+from deepcovid.bundle import Bundle, BundleError, find_bundle, install_bundle, load_bundle
+from deepcovid.defaults import REGISTER_BATCH, TOP_FLAGGED
+from deepcovid.ensemble import Ensemble
+from deepcovid.errors import UserError
+from deepcovid.exitcodes import ExitCode
+from deepcovid.pipeline import score_chunk
+from deepcovid.results import ImageResult
+from deepcovid.settings import Settings, get_settings
+from deepcovid.storage import open_storage
 from producer.listing import Include, list_source, parse_include
+from producer.preflight import NO_BUNDLE_HELP, check_source
 
-if TYPE_CHECKING:
-    from sqlalchemy.engine import Engine
-
-    from deepcovid.results import ImageResult
-    from deepcovid.settings import Settings
-
-TOP_FLAGGED = 5
 SCREEN_NO_BUNDLE_HELP = (
     "no bundle to score with. Pass --bundle BUNDLE_DIR (a bundle made by `deepcovid train` or "
     "`deepcovid bundle init`), or register and promote one: " + NO_BUNDLE_HELP.split(". ", 1)[1]
@@ -67,51 +65,27 @@ class ScreenSummary:
     def done(self) -> int:
         return self.scored + sum(self.failed.values())
 
+    def highest_flagged(self) -> list[tuple[float, str]]:
+        """The highest-scoring flagged images of this run, highest first."""
+        return sorted(self.top_flagged, reverse=True)
+
 
 # ----------------------------------------------------------------------------------------------------------
-# Database and bundle
+# The bundle
 
 
-def open_database(settings: Settings) -> Engine:
-    """The results database; the default embedded SQLite file is created and migrated on first use."""
-    from sqlalchemy import inspect
-
-    from db.engine import make_engine
-    from db.schema import SchemaNotCurrent, ensure_schema_current
-    from producer.enqueue import check_database
-
-    embedded = settings.database_url is None or not settings.database_url.get_secret_value()
-    if not embedded:
-        return check_database(settings)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    url = settings.effective_database_url
-    engine = make_engine(url)
-    if not inspect(engine).get_table_names():
-        from db.migrate import upgrade
-
-        upgrade(url)
-    try:
-        ensure_schema_current(engine)
-    except SchemaNotCurrent as exc:
-        raise PreflightError(EXIT_SCHEMA_NOT_CURRENT, str(exc)) from None
-    return engine
-
-
-def resolve_bundle(engine: Engine, settings: Settings, bundle: str | None) -> tuple[Any, bool]:
+def resolve_bundle(engine: Engine, settings: Settings, bundle: str | None) -> tuple[Bundle, bool]:
     """The ``deepcovid.bundle.Bundle`` to score with, and whether it was just promoted.
 
     ``bundle`` is a bundle directory (verified, installed, registered, and promoted when no bundle is
     active yet, so the next run needs no flag), a registered bundle id, or None for the active bundle.
     """
-    from db.registry import UnknownBundle, active_bundle, get_bundle, register_bundle, set_active
-    from deepcovid.bundle import BundleError, find_bundle, install_bundle, load_bundle
-
     bundles_dir = settings.effective_bundles_dir
     if bundle and Path(bundle).expanduser().is_dir():
         try:
             loaded = load_bundle(install_bundle(Path(bundle).expanduser(), bundles_dir))
         except BundleError as exc:
-            raise PreflightError(EXIT_NO_BUNDLE, f"{bundle}: not a usable bundle: {exc}") from None
+            raise UserError(ExitCode.NO_BUNDLE, f"{bundle}: not a usable bundle: {exc}") from None
         register_bundle(
             engine,
             bundle_id=loaded.bundle_id,
@@ -127,15 +101,15 @@ def resolve_bundle(engine: Engine, settings: Settings, bundle: str | None) -> tu
         try:
             record = get_bundle(engine, bundle)
         except UnknownBundle:
-            raise PreflightError(
-                EXIT_NO_BUNDLE,
+            raise UserError(
+                ExitCode.NO_BUNDLE,
                 f"{bundle!r} is neither a bundle directory nor a registered bundle id. "
                 + SCREEN_NO_BUNDLE_HELP,
             ) from None
     else:
         record = active_bundle(engine)
         if record is None:
-            raise PreflightError(EXIT_NO_BUNDLE, SCREEN_NO_BUNDLE_HELP)
+            raise UserError(ExitCode.NO_BUNDLE, SCREEN_NO_BUNDLE_HELP)
     try:
         return find_bundle(record.bundle_id, bundles_dir), False
     except BundleError as exc:
@@ -144,8 +118,8 @@ def resolve_bundle(engine: Engine, settings: Settings, bundle: str | None) -> tu
                 return load_bundle(record.path), False
             except BundleError:
                 pass
-        raise PreflightError(
-            EXIT_NO_BUNDLE,
+        raise UserError(
+            ExitCode.NO_BUNDLE,
             f"bundle {record.bundle_id} is registered but not usable from {bundles_dir} ({exc}); "
             "pass --bundle BUNDLE_DIR",
         ) from None
@@ -186,25 +160,14 @@ def screen(
     the chunk in flight; running again resumes (images scored by the bundle are skipped). On Ctrl-C the
     summary comes back with ``interrupted=True``. ``on_images(n)`` reports progress after every batch.
     """
-    from db.writes import create_job, finish_job_if_done, register_images, write_results
-    from deepcovid.ensemble import Ensemble
-    from deepcovid.pipeline import score_chunk
-    from deepcovid.settings import get_settings
-    from deepcovid.storage import open_storage
-
     settings = settings or get_settings()
     if not isinstance(include, Include):
         include = parse_include(include)
-    extra_roots: tuple[Path, ...] = ()
-    if source.startswith("s3://"):
-        check_s3_source(source, settings)
-        canonical = source
-    else:
-        root = Path(source).expanduser()
-        canonical = str(check_local_source(source, settings, extra_roots=[root]))
-        extra_roots = (Path(canonical),)
+    # A local directory screened here is readable by this process whatever the storage roots say.
+    canonical = check_source(source, settings, extra_roots=[Path(source).expanduser()])
+    extra_roots = () if canonical.startswith("s3://") else (Path(canonical),)
 
-    engine = open_database(settings)
+    engine = open_database(settings, create=True)
     loaded, promoted = resolve_bundle(engine, settings, bundle)
     bundle_id = loaded.bundle_id
     options = {"include": include.describe(), "rescore": rescore, "embedded": True}
@@ -264,7 +227,7 @@ def screen(
 
 def _tally(summary: ScreenSummary, results: list[ImageResult]) -> None:
     for result in results:
-        if result.status == "scored":
+        if result.scored:
             summary.scored += 1
             if result.ensemble_decision:
                 summary.flagged += 1
@@ -275,17 +238,3 @@ def _tally(summary: ScreenSummary, results: list[ImageResult]) -> None:
                     heapq.heappushpop(summary.top_flagged, item)
         else:
             summary.failed[result.reason or "internal_error"] += 1
-
-
-def top_flagged(summary: ScreenSummary) -> list[tuple[float, str]]:
-    """The highest-scoring flagged images of this run, highest first."""
-    return sorted(summary.top_flagged, reverse=True)
-
-
-def display_database(url: str) -> str:
-    """Where the results are, for the closing message: a file path for SQLite, a masked URL otherwise."""
-    from deepcovid.settings import mask_url
-
-    if url.startswith("sqlite:///"):
-        return os.path.abspath(url[len("sqlite:///") :])
-    return mask_url(url)

@@ -6,17 +6,23 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from db.cli import SCHEMA_EXIT_CODE, open_database, register
+from cli.main import app
+from cli.render import guarded
+from db import schema
 from db.migrate import current
+from deepcovid.exitcodes import ExitCode
+
+SCHEMA_EXIT_CODE = ExitCode.SCHEMA_NOT_CURRENT
+
+
+def open_database(url: str):
+    """The database opener as every command runs it: a UserError becomes one line and its exit code."""
+    return guarded(schema.open_database)(url=url)
 
 
 @pytest.fixture
 def cli() -> typer.Typer:
-    """Only this package's commands, so the test does not depend on the other packages' CLIs."""
-    app = typer.Typer()
-    db_app = typer.Typer()
-    app.add_typer(db_app, name="db")
-    register(app, {"db": db_app, "bundle": typer.Typer()})
+    """The real command line: its `db` group."""
     return app
 
 

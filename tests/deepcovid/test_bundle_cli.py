@@ -11,7 +11,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from deepcovid.commands import register_bundle_commands
+from cli.main import bundle_app
 from deepcovid.settings import get_settings
 
 runner = CliRunner()
@@ -19,9 +19,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def app() -> typer.Typer:
-    """Only the bundle commands, so these tests do not depend on the other packages' CLIs."""
-    bundle_app = typer.Typer()
-    register_bundle_commands(bundle_app)
+    """The `bundle` group of the real CLI, so tests invoke `init ...` and `show ...`."""
     return bundle_app
 
 
@@ -144,7 +142,7 @@ def test_init_refuses_a_non_empty_directory(app: typer.Typer, clean_env: Path) -
 def test_the_installed_command_writes_all_four_networks(clean_env: Path) -> None:
     """The real entry point, as a user runs it: `deepcovid bundle init OUT --pretrained none`."""
     out = clean_env / "full"
-    run = [sys.executable, "-m", "deepcovid.cli", "bundle"]
+    run = [sys.executable, "-m", "cli.main", "bundle"]
     init = subprocess.run([*run, "init", str(out), "--pretrained", "none"], capture_output=True, text=True)
     assert init.returncode == 0, init.stderr
     show = subprocess.run([*run, "show", str(out), "--json"], capture_output=True, text=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from deepcovid.cli import app
+from cli.main import app
 from tests.fixtures.images import (
     PATIENT_ID,
     PATIENT_NAME,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from deepcovid.cli import app
+from cli.main import app
 from deepcovid.settings import Settings, get_settings, mask_url
 
 

@@ -54,7 +54,7 @@ def producer_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Ca
 @pytest.fixture
 def run_cli() -> Callable[..., object]:
     """Run ``deepcovid ARGS...`` in-process; returns click's Result (exit_code, stdout, stderr, output)."""
-    from deepcovid.cli import app
+    from cli.main import app
 
     runner = CliRunner()
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from producer.listing import Include, looks_like_image, parse_include, parse_s3_source, walk_local
+from deepcovid.formats import looks_like_archive_image as looks_like_image
+from producer.listing import Include, parse_include, parse_s3_source, walk_local
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 200
 DICOM = b"\x00" * 128 + b"DICM" + b"\x00" * 100

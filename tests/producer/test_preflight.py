@@ -7,15 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from producer.enqueue import (
-    EXIT_BROKER_UNREACHABLE,
-    EXIT_DATABASE_UNREACHABLE,
-    EXIT_MISSING_PATH,
-    EXIT_NO_BUNDLE,
-    EXIT_OUTSIDE_STORAGE_ROOTS,
-    EXIT_SCHEMA_NOT_CURRENT,
-    EXIT_UNREADABLE_PATH,
-)
+from deepcovid.exitcodes import ExitCode
 
 
 def flat(text: str) -> str:
@@ -45,20 +37,20 @@ def test_help_documents_exit_codes(run_cli) -> None:
 
 def test_missing_path(run_cli, producer_env, tmp_path: Path) -> None:
     result = run_cli("enqueue", tmp_path / "nope")
-    assert result.exit_code == EXIT_MISSING_PATH
+    assert result.exit_code == ExitCode.MISSING_PATH
     assert "no such file or directory" in flat(result.stderr)
 
 
 def test_path_below_a_file_is_unreadable(run_cli, producer_env, tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     result = run_cli("enqueue", tmp_path / "file" / "below")
-    assert result.exit_code == EXIT_UNREADABLE_PATH
+    assert result.exit_code == ExitCode.UNREADABLE_PATH
     assert "cannot be read" in flat(result.stderr)
 
 
 def test_a_file_is_not_a_directory(run_cli, producer_env, archive: Path) -> None:
     result = run_cli("enqueue", archive / "a.png")
-    assert result.exit_code == EXIT_UNREADABLE_PATH
+    assert result.exit_code == ExitCode.UNREADABLE_PATH
     assert "is not a directory" in flat(result.stderr)
 
 
@@ -70,12 +62,12 @@ def test_unreadable_directory(run_cli, producer_env, archive: Path) -> None:
         result = run_cli("enqueue", archive)
     finally:
         archive.chmod(0o755)
-    assert result.exit_code == EXIT_UNREADABLE_PATH
+    assert result.exit_code == ExitCode.UNREADABLE_PATH
 
 
 def test_no_storage_roots(run_cli, producer_env, archive: Path) -> None:
     result = run_cli("enqueue", archive)
-    assert result.exit_code == EXIT_OUTSIDE_STORAGE_ROOTS
+    assert result.exit_code == ExitCode.OUTSIDE_STORAGE_ROOTS
     assert "DEEPCOVID_STORAGE_ROOTS" in flat(result.stderr)
 
 
@@ -83,7 +75,7 @@ def test_outside_storage_roots(run_cli, producer_env, archive: Path, tmp_path: P
     (tmp_path / "elsewhere").mkdir()
     producer_env(storage_roots=tmp_path / "elsewhere")
     result = run_cli("enqueue", archive)
-    assert result.exit_code == EXIT_OUTSIDE_STORAGE_ROOTS
+    assert result.exit_code == ExitCode.OUTSIDE_STORAGE_ROOTS
     assert "is not under the storage roots" in flat(result.stderr)
 
 
@@ -92,7 +84,7 @@ def test_database_unreachable(run_cli, producer_env, archive: Path, closed_port:
         storage_roots=archive, database_url=f"postgresql://postgres:secret@127.0.0.1:{closed_port}/x"
     )
     result = run_cli("enqueue", archive)
-    assert result.exit_code == EXIT_DATABASE_UNREACHABLE
+    assert result.exit_code == ExitCode.DATABASE_UNREACHABLE
     text = flat(result.stderr)
     assert "cannot reach the database" in text and "secret" not in text
 
@@ -100,17 +92,17 @@ def test_database_unreachable(run_cli, producer_env, archive: Path, closed_port:
 def test_schema_not_current(run_cli, producer_env, archive: Path, tmp_path: Path) -> None:
     producer_env(storage_roots=archive, database_url=f"sqlite:///{tmp_path / 'empty.db'}")
     result = run_cli("enqueue", archive)
-    assert result.exit_code == EXIT_SCHEMA_NOT_CURRENT
+    assert result.exit_code == ExitCode.SCHEMA_NOT_CURRENT
     assert "deepcovid db upgrade" in flat(result.stderr)
 
 
 def test_no_active_bundle(run_cli, producer_env, archive: Path, migrated_sqlite) -> None:
     producer_env(storage_roots=archive, database_url=migrated_sqlite())
     result = run_cli("enqueue", archive)
-    assert result.exit_code == EXIT_NO_BUNDLE
+    assert result.exit_code == ExitCode.NO_BUNDLE
     assert "bundle promote" in flat(result.stderr)
     result = run_cli("enqueue", archive, "--bundle", "abcdef0123456789")
-    assert result.exit_code == EXIT_NO_BUNDLE
+    assert result.exit_code == ExitCode.NO_BUNDLE
     assert "is not registered" in flat(result.stderr)
 
 
@@ -127,7 +119,7 @@ def test_broker_unreachable(run_cli, producer_env, archive: Path, migrated_sqlit
         storage_roots=archive, database_url=url, broker_url=f"redis://:hunter2@127.0.0.1:{closed_port}/0"
     )
     result = run_cli("enqueue", archive)
-    assert result.exit_code == EXIT_BROKER_UNREACHABLE
+    assert result.exit_code == ExitCode.BROKER_UNREACHABLE
     text = flat(result.stderr)
     assert "cannot reach the broker" in text and "hunter2" not in text
     # Nothing was created: the job appears only once every check passed.

@@ -136,7 +136,7 @@ def test_requeue_failed_not_found_after_files_return(reliability_stack: Reliabil
     for i, uri in enumerate(missing):
         Path(uri).write_bytes(xray_png_bytes(64, seed=20 + i))
     result = subprocess.run(
-        [sys.executable, "-m", "deepcovid.cli", "requeue", str(job_id), "--failed", "--reason", "not_found"],
+        [sys.executable, "-m", "cli.main", "requeue", str(job_id), "--failed", "--reason", "not_found"],
         env=stack.cli_env(),
         capture_output=True,
         text=True,

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 
 def test_worker_command_builds_the_celery_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    from deepcovid.cli import app
+    from cli.main import app
     from deepcovid.settings import get_settings
 
     monkeypatch.setenv("DEEPCOVID_QUEUE", "screening")

@@ -1,0 +1,72 @@
+"""The ``deepcovid`` command: every sub-command, composed here with plain imports (rq's ``cli/cli.py``).
+
+Each command is wrapped in ``guarded``, so a UserError from any domain function ends it with one line
+and its exit code.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from cli import core, db, jobs, scan, worker
+from cli.render import error, guarded
+from deepcovid.exitcodes import ExitCode, help_text
+from training import cli as training
+
+app = typer.Typer(
+    help="Deep-COVID Screen: screen chest X-ray archives for COVID-19 with a four-CNN ensemble.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+bundle_app = typer.Typer(help="Create, inspect, register and promote model bundles.", no_args_is_help=True)
+db_app = typer.Typer(help="Results database: migrations and checks.", no_args_is_help=True)
+app.add_typer(bundle_app, name="bundle")
+app.add_typer(db_app, name="db")
+
+SCAN_HELP = "\n\n" + help_text(scan.EXIT_CODES)
+
+app.command("config")(guarded(core.config_command))
+app.command("inspect")(guarded(core.inspect_command))
+app.command("enqueue", help=scan.enqueue_command.__doc__ + SCAN_HELP)(guarded(scan.enqueue_command))
+app.command("screen", help=scan.screen_command.__doc__ + SCAN_HELP)(guarded(scan.screen_command))
+app.command("status")(guarded(jobs.status_command))
+app.command("results")(guarded(jobs.results_command))
+app.command("jobs")(guarded(jobs.jobs_command))
+app.command("requeue")(guarded(jobs.requeue_command))
+app.command("audit")(guarded(jobs.audit_command))
+app.command("demo-data")(guarded(training.demo_data_command))
+app.command("train")(guarded(training.train_command))
+app.command("evaluate")(guarded(training.evaluate_command))
+app.command("worker")(guarded(worker.worker_command))
+
+bundle_app.command("init")(guarded(core.bundle_init_command))
+bundle_app.command("show")(guarded(core.bundle_show_command))
+bundle_app.command("register")(guarded(training.register_command))
+bundle_app.command("promote")(guarded(training.promote_command))
+
+db_app.command("upgrade")(guarded(db.upgrade_command))
+db_app.command("downgrade")(guarded(db.downgrade_command))
+db_app.command("current")(guarded(db.current_command))
+
+
+def main() -> None:
+    """Console entry point: a database that stops answering mid-command is one line and exit 15."""
+    try:
+        app()
+    except Exception as exc:
+        if not _database_error(exc):
+            raise
+        error(str(exc))
+        raise SystemExit(int(ExitCode.DATABASE_UNREACHABLE)) from None
+
+
+def _database_error(exc: Exception) -> bool:
+    """An SQLAlchemy OperationalError; looked up, not imported, so start-up never pays for SQLAlchemy."""
+    sa_exc = sys.modules.get("sqlalchemy.exc")
+    return sa_exc is not None and isinstance(exc, sa_exc.OperationalError)
+
+
+if __name__ == "__main__":
+    main()

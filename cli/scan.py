@@ -1,0 +1,241 @@
+"""Commands that start a scan: ``enqueue`` (to the workers) and ``screen`` (in this process)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any, Optional
+
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from cli.jobs import database, follow_job
+from cli.render import console, err_console, fail, interruptible, number, rows_table, score, warning
+from deepcovid.errors import TransientError
+from deepcovid.exitcodes import ExitCode
+from deepcovid.formats import ARCHIVE_SUFFIXES
+from deepcovid.settings import get_settings, mask_url
+
+if TYPE_CHECKING:
+    from producer.enqueue import EnqueueSummary
+    from producer.screen import ScreenSummary
+
+EXIT_CODES = (
+    ExitCode.OK,
+    ExitCode.USAGE,
+    ExitCode.SCHEMA_NOT_CURRENT,
+    ExitCode.MISSING_PATH,
+    ExitCode.UNREADABLE_PATH,
+    ExitCode.NO_SUCH_BUCKET,
+    ExitCode.BUCKET_ACCESS_DENIED,
+    ExitCode.BROKER_UNREACHABLE,
+    ExitCode.DATABASE_UNREACHABLE,
+    ExitCode.NO_BUNDLE,
+    ExitCode.OUTSIDE_STORAGE_ROOTS,
+    ExitCode.S3_UNREACHABLE,
+    ExitCode.INTERRUPTED,
+)
+"""The exit codes of ``enqueue`` and ``screen``, listed in their ``--help``."""
+
+UNREADABLE_SHOWN = 10
+"""Unreadable directories ``enqueue`` names one by one before it only counts the rest."""
+
+DEFAULT_INCLUDE = ",".join(suffix.lstrip(".") for suffix in ARCHIVE_SUFFIXES)
+
+
+def enqueue_command(
+    source: str = typer.Argument(
+        ..., help="A directory (under DEEPCOVID_STORAGE_ROOTS) or s3://bucket/prefix."
+    ),
+    chunk_size: Optional[int] = typer.Option(
+        None, "--chunk-size", min=1, help="Images per task message (default DEEPCOVID_CHUNK_SIZE)."
+    ),
+    include: Optional[str] = typer.Option(
+        None,
+        "--include",
+        help=f"Extensions to list ({DEFAULT_INCLUDE} by default); add `sniff` to also keep files whose "
+        "first bytes are PNG/JPEG/DICOM (extension-less DICOM archives); `all` lists every file.",
+    ),
+    rescore: bool = typer.Option(False, "--rescore", help="Score again images the bundle already scored."),
+    bundle: Optional[str] = typer.Option(
+        None, "--bundle", help="Registered bundle id (default: the active one)."
+    ),
+    follow: bool = typer.Option(False, "--follow", help="Then show live progress until the job finishes."),
+) -> None:
+    """Queue every image of SOURCE for scoring by the workers, as one job. Re-running resumes."""
+    from producer.enqueue import enqueue  # SQLAlchemy and Celery: kept out of CLI start-up
+
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    )
+    task = progress.add_task("checking", total=None)
+
+    def report(summary: EnqueueSummary) -> None:
+        progress.update(
+            task,
+            description=f"job {summary.job_id}: listed {summary.listed:,}, queued {summary.queued:,}, "
+            f"skipped {summary.skipped:,}",
+        )
+
+    with (
+        progress,
+        interruptible("interrupted: what was queued stays queued; run the same command again to resume"),
+    ):
+        summary = enqueue(
+            source,
+            bundle_id=bundle,
+            chunk_size=chunk_size,
+            include=include,
+            rescore=rescore,
+            on_progress=report,
+        )
+
+    for path in summary.unreadable[:UNREADABLE_SHOWN]:
+        warning(f"skipped unreadable directory {path}")
+    if len(summary.unreadable) > UNREADABLE_SHOWN:
+        warning(f"... and {len(summary.unreadable) - UNREADABLE_SHOWN} more unreadable directories")
+    if summary.queued == 0:
+        what = "no images found" if summary.listed == 0 else f"all {summary.listed:,} images already scored"
+        console.print(
+            f"Nothing to do: {what} with bundle {summary.bundle_id} (job {summary.job_id})."
+            + (" Use --rescore to score them again." if summary.listed else ""),
+            highlight=False,
+        )
+        return
+    console.print(
+        f"Job {summary.job_id}: listed {summary.listed:,}, "
+        f"queued {summary.queued:,} in {summary.chunks:,} chunks, "
+        f"skipped {summary.skipped:,} already scored (bundle {summary.bundle_id}).",
+        highlight=False,
+    )
+    if follow:
+        follow_job(database(), summary.job_id)
+    else:
+        console.print(f"Follow it with: deepcovid status {summary.job_id} --follow", highlight=False)
+
+
+def screen_command(
+    source: str = typer.Argument(..., help="A directory of images (or s3://bucket/prefix)."),
+    bundle: Optional[str] = typer.Option(
+        None,
+        "--bundle",
+        help="A bundle directory (verified, installed, registered) or a registered bundle id.",
+    ),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per forward pass."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
+    include: Optional[str] = typer.Option(
+        None, "--include", help="Extensions to list, plus `sniff` for extension-less files, or `all`."
+    ),
+    rescore: bool = typer.Option(False, "--rescore", help="Score again images the bundle already scored."),
+    limit: Optional[int] = typer.Option(
+        None, "--limit", min=1, help="Screen only the first N images listed."
+    ),
+) -> None:
+    """Screen SOURCE in this process: no broker, no database server (SQLite in DEEPCOVID_DATA_DIR).
+
+    Same listing, scoring and storage as enqueue + workers. Ctrl-C keeps what was scored; re-running resumes.
+    """
+    from producer.screen import screen  # torch: kept out of CLI start-up
+
+    updates: dict[str, Any] = {"batch_size": batch_size, "device": device}
+    settings = get_settings().model_copy(update={k: v for k, v in updates.items() if v})
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err_console,
+    )
+    task = progress.add_task("listing", total=None, rate="")
+    started = [0.0]
+
+    def on_listed(summary: ScreenSummary) -> None:
+        progress.update(
+            task, description=f"listing ({summary.listed:,} found, {summary.to_score:,} to score)"
+        )
+
+    def on_start(summary: ScreenSummary) -> None:
+        started[0] = time.monotonic()
+        progress.update(task, description=f"scoring on {summary.device}", total=summary.to_score, completed=0)
+
+    def on_images(n: int) -> None:
+        progress.advance(task, n)
+        elapsed = time.monotonic() - started[0]
+        if elapsed > 0:
+            progress.update(task, rate=f"{progress.tasks[0].completed / elapsed:,.1f} img/s")
+
+    # Ctrl-C during scoring is screen's to handle (it keeps what was scored); before, nothing was done.
+    interrupted = interruptible(
+        "interrupted before scoring started; nothing is lost, run the same command again"
+    )
+    try:
+        with interrupted, progress:
+            summary = screen(
+                source,
+                settings=settings,
+                bundle=bundle,
+                include=include,
+                rescore=rescore,
+                limit=limit,
+                on_listed=on_listed,
+                on_start=on_start,
+                on_images=on_images,
+            )
+    except TransientError as exc:
+        raise fail(f"{exc}; what was scored is kept, run the command again to resume") from None
+
+    print_screen_summary(summary)
+    if summary.interrupted:
+        raise typer.Exit(int(ExitCode.INTERRUPTED))
+
+
+def print_screen_summary(summary: ScreenSummary) -> None:
+    """The closing report: counts, failure reasons, the top flagged images and where the results are."""
+    interrupted = " (interrupted: run the same command again to resume)" if summary.interrupted else ""
+    console.print(
+        f"[bold]Job {summary.job_id}[/] with bundle {summary.bundle_id}{interrupted}\n"
+        f"  listed {summary.listed:,}; already scored {summary.skipped:,}; "
+        f"scored now {summary.scored:,}; failed {sum(summary.failed.values()):,}; "
+        f"flagged COVID-positive {summary.flagged:,}",
+        highlight=False,
+    )
+    if summary.failed:
+        rows = [(reason, number(count)) for reason, count in summary.failed.most_common()]
+        console.print(rows_table("Failures", ("reason", "images"), rows))
+    flagged = summary.highest_flagged()
+    if flagged:
+        rows = [(score(value), uri) for value, uri in flagged]
+        console.print(rows_table(f"Top {len(flagged)} flagged", ("ensemble score", "image"), rows))
+    if summary.promoted:
+        console.print(
+            f"Bundle {summary.bundle_id} is now the active bundle (there was none).", highlight=False
+        )
+    console.print(f"Results: {_where(summary.database_url)}", highlight=False)
+    console.print(
+        f"Export:  deepcovid results {summary.job_id} --format csv --out results.csv"
+        f"   (flagged only: add --flagged)",
+        highlight=False,
+    )
+
+
+def _where(url: str) -> str:
+    """Where the results are: a file path for SQLite, a masked URL otherwise."""
+    if url.startswith("sqlite:///"):
+        return os.path.abspath(url[len("sqlite:///") :])
+    return mask_url(url)
