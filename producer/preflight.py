@@ -26,7 +26,7 @@ from db.registry import UnknownBundle, active_bundle, get_bundle
 from deepcovid.errors import UserError
 from deepcovid.exitcodes import ExitCode
 from deepcovid.settings import Settings, mask_url
-from deepcovid.storage import s3_client
+from deepcovid.storage import s3_allowed, s3_client
 from producer.listing import parse_s3_source
 
 NO_BUNDLE_HELP = (
@@ -103,6 +103,14 @@ def check_s3_source(source: str, settings: Settings, client: Any = None) -> tupl
         ) from None
     except BotoCoreError as exc:
         raise UserError(ExitCode.S3_UNREACHABLE, f"cannot reach S3: {exc}") from None
+    if not s3_allowed(settings, bucket, prefix):
+        # The prefix is left out of the message: archives are laid out by patient.
+        raise UserError(
+            ExitCode.OUTSIDE_STORAGE_ROOTS,
+            f"this source in S3 bucket {bucket!r} is not covered by DEEPCOVID_S3_ALLOW, so workers would "
+            f"refuse every object. Add {bucket!r} (or {bucket!r} with the prefix) to DEEPCOVID_S3_ALLOW, "
+            "on the workers too.",
+        )
     return bucket, prefix
 
 

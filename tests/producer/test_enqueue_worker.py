@@ -133,7 +133,7 @@ def test_enqueue_from_s3(
     client.put_object(Bucket=bucket, Key="scans-other/x.png", Body=b"other prefix")
     register_and_promote(url, tiny_bundle_path, bundles_dir)
     env = worker_env | s3_server.env() | {"DEEPCOVID_S3_ALLOW": bucket}
-    for key, value in s3_server.env().items():
+    for key, value in (s3_server.env() | {"DEEPCOVID_S3_ALLOW": bucket}).items():
         os.environ[key] = value  # the in-process CLI reads them too; cleaned below
     try:
         from deepcovid.settings import get_settings
@@ -151,8 +151,14 @@ def test_enqueue_from_s3(
         missing = run_cli("enqueue", f"s3://no-such-bucket-{uuid.uuid4().hex[:6]}/x")
         assert missing.exit_code == 12, missing.output
         assert "does not exist" in flat(missing.stderr)
+
+        os.environ["DEEPCOVID_S3_ALLOW"] = f"{bucket}/elsewhere"
+        get_settings.cache_clear()
+        refused = run_cli("enqueue", f"s3://{bucket}/scans/DOE^JOHN")
+        assert refused.exit_code == 17, refused.output
+        assert "DEEPCOVID_S3_ALLOW" in flat(refused.stderr) and "DOE^JOHN" not in refused.output
     finally:
-        for key in s3_server.env():
+        for key in [*s3_server.env(), "DEEPCOVID_S3_ALLOW"]:
             os.environ.pop(key, None)
         get_settings.cache_clear()
 
