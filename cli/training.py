@@ -17,6 +17,7 @@ from cli.render import err_console, fail
 from db.schema import open_database
 from deepcovid import defaults
 from deepcovid.bundle import BundleError, load_bundle
+from deepcovid.errors import UserError
 from deepcovid.networks import PretrainedWeightsUnavailable
 from deepcovid.settings import get_settings
 from training.args import TrainArgs
@@ -180,6 +181,8 @@ def register_command(
             err_console.print(promote_bundle(engine, loaded.bundle_id, force=force), highlight=False)
     except (BundleError, PromotionRefused, LookupError) as exc:
         raise fail(str(exc)) from None
+    except UserError as exc:  # the registry commands exit 1 on database problems too, as they always have
+        raise fail(exc.message) from None
 
 
 def promote_command(
@@ -194,11 +197,13 @@ def promote_command(
     # torch: kept out of CLI start-up
     from training.registry import PromotionRefused, promote_bundle
 
-    engine = open_database(get_settings())
     try:
+        engine = open_database(get_settings())
         err_console.print(promote_bundle(engine, bundle_id, force=force), highlight=False)
     except (PromotionRefused, LookupError) as exc:
         raise fail(str(exc)) from None
+    except UserError as exc:  # as in register_command
+        raise fail(exc.message) from None
 
 
 def demo_data_command(
