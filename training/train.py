@@ -47,7 +47,7 @@ from training.evaluate import evaluate_bundle
 from training.metrics import roc_auc
 from training.progress import EpochBar, progress_display
 from training.provenance import provenance
-from training.validation import POLICY, bf16_check, validation_record
+from training.validation import POLICY, ValidationRecord, bf16_check, validation_record
 
 log = logging.getLogger(__name__)
 
@@ -380,6 +380,19 @@ def _reproducible(enabled: bool, device: torch.device) -> Iterator[None]:
         torch.backends.cudnn.benchmark = previous_benchmark
 
 
+def _validate(
+    fits: dict[str, FitResult], val: DecodedSet, args: TrainArgs, device: torch.device
+) -> ValidationRecord:
+    """Thresholds and the bundle's validation metrics, from the trained networks' scores on validation."""
+    loader = _eval_loader(val, args, device)
+    probabilities = {arch: evaluate(fit.model, loader, device).probabilities for arch, fit in fits.items()}
+    record = validation_record(val.labels.numpy(), probabilities, args.target_sensitivity)
+    if args.bf16_check_images > 0:
+        models = {arch: fit.model for arch, fit in fits.items()}
+        record.metrics[BF16_CHECK_KEY] = bf16_check(models, val.images, args.bf16_check_images)
+    return record
+
+
 def _report_on_test(bundle: Bundle, test: Sequence[Sample], args: TrainArgs) -> None:
     """Evaluate the new bundle on the held-out test samples as ``deepcovid evaluate`` would."""
     report_dir = args.effective_report_dir
@@ -403,14 +416,7 @@ def main(args: TrainArgs) -> Bundle:
                 for arch in args.archs
             }
 
-    val_loader = _eval_loader(val, args, device)
-    probabilities = {
-        arch: evaluate(fit.model, val_loader, device).probabilities for arch, fit in fits.items()
-    }
-    record = validation_record(val.labels.numpy(), probabilities, args.target_sensitivity)
-    if args.bf16_check_images > 0:
-        models = {arch: fit.model for arch, fit in fits.items()}
-        record.metrics[BF16_CHECK_KEY] = bf16_check(models, val.images, args.bf16_check_images)
+    record = _validate(fits, val, args, device)
     states = {arch: fit.state for arch, fit in fits.items()}
     made = provenance(args, split, (train, val), states, device, started_at=started_at, clock=clock)
     bundle = save_bundle(
