@@ -3,12 +3,15 @@
 One file per state (``last`` after every epoch, ``best`` when validation AUC improves), written
 beside its final name and renamed, so a crash leaves the previous complete checkpoint. Nothing is
 pickled: the optimizer's tensors go into the safetensors file and its plain values into the JSON.
+``last`` also holds the ``FitState`` a resumed run continues from.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +93,84 @@ def load_checkpoint(
     if restore_rng and "rng.torch" in tensors:
         torch.set_rng_state(tensors["rng.torch"])
     return meta["state"]
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint exists but was made with different settings or data than this run."""
+
+
+@dataclass
+class FitState:
+    """How far one network's training has got: what ``last`` records so that a run can resume."""
+
+    fingerprint: dict[str, Any]  # what must match for a checkpoint to be resumed
+    epoch: int = 0  # the last completed epoch
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_auc: float = -math.inf
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    stopped_early: bool = False
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """The two checkpoints of one network: ``last`` (every epoch) and ``best`` (best validation AUC)."""
+
+    folder: Path
+
+    @property
+    def last(self) -> Path:
+        return self.folder / "last.safetensors"
+
+    @property
+    def best(self) -> Path:
+        return self.folder / "best.safetensors"
+
+
+def save_last(
+    files: CheckpointFiles,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: FitState,
+    scaler: torch.amp.GradScaler | None,
+) -> None:
+    """The end of an epoch: model, optimizer, RNG, the fit state and the AMP scaler (if it runs)."""
+    scaler_state = scaler.state_dict() if scaler is not None and scaler.is_enabled() else None
+    save_checkpoint(files.last, model, optimizer=optimizer, state={**asdict(state), "scaler": scaler_state})
+
+
+def save_best(files: CheckpointFiles, model: torch.nn.Module, state: FitState) -> None:
+    save_checkpoint(files.best, model, state={"epoch": state.epoch, "val_auc": state.best_auc}, rng=False)
+
+
+def resume(
+    files: CheckpointFiles,
+    fingerprint: dict[str, Any],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+) -> tuple[FitState, dict[str, torch.Tensor]]:
+    """Load ``last`` into the model, optimizer and scaler; returns its state and the best weights so far.
+
+    Raises ResumeError when the checkpoint was made with other settings or data.
+    """
+    saved = read_state(files.last)
+    if saved["fingerprint"] != fingerprint:
+        changed = sorted(k for k in fingerprint if saved["fingerprint"].get(k) != fingerprint[k])
+        raise ResumeError(
+            f"checkpoint {files.last} was made with different {', '.join(changed)}; "
+            f"start without --resume or use another --checkpoint-dir"
+        )
+    load_checkpoint(files.best, model, restore_rng=False)
+    best_weights = clone_weights(model)
+    load_checkpoint(files.last, model, optimizer, restore_rng=False)
+    if saved.get("scaler"):
+        scaler.load_state_dict(saved["scaler"])
+    known = {k: v for k, v in saved.items() if k in FitState.__dataclass_fields__}
+    return FitState(**known), best_weights
+
+
+def clone_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the model's current weights that later training steps do not change."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -16,6 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold, train_test_split
+from torch.utils.data import WeightedRandomSampler
+from torchvision.transforms import v2
+
+from deepcovid.decode import read_file
+from deepcovid.errors import ImageError
+from deepcovid.formats import IMAGE_SUFFIXES
+from deepcovid.preprocess import collate, load_image
+from deepcovid.settings import get_settings
+from training.args import TrainArgs
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +43,7 @@ _LABEL_VALUES = {
     "0": 0,
     "negative": 0,
 }
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom", ""}
+_FOLDER_SUFFIXES = IMAGE_SUFFIXES | {""}  # a labelled folder may hold extensionless files (DICOM often)
 
 
 class DataError(ValueError):
@@ -102,7 +113,7 @@ def _load_folder(root: Path) -> list[Sample]:
         found = True
         label = parse_label(label_dir.name)
         for path in sorted(label_dir.rglob("*")):
-            if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in _IMAGE_SUFFIXES:
+            if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in _FOLDER_SUFFIXES:
                 samples.append(Sample(path=path, label=label, name=path.relative_to(root).as_posix()))
     if not found:
         raise DataError(f"{root}: expected sub-folders covid/ and non_covid/ (or a CSV file)")
@@ -155,12 +166,6 @@ def _split_off(
     samples: Sequence[Sample], fraction: float, seed: int
 ) -> tuple[list[Sample], list[Sample], bool]:
     """Split ``fraction`` of samples off (stratified by label; by patient when ids exist)."""
-    from sklearn.model_selection import (
-        GroupShuffleSplit,
-        StratifiedGroupKFold,
-        train_test_split,
-    )
-
     if not 0.0 < fraction < 1.0:
         raise DataError(f"split fraction must be between 0 and 1, got {fraction}")
     labels = np.array([s.label for s in samples])
@@ -212,30 +217,25 @@ class DecodedSet:
     """Samples decoded to the model input: ``images`` uint8 [N, 3, 224, 224], ``labels`` int64 [N]."""
 
     samples: list[Sample]
-    images: object  # torch.Tensor, kept untyped so importing this module does not import torch
-    labels: object
+    images: torch.Tensor
+    labels: torch.Tensor
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason) of undecodable files
 
 
 def decode_samples(samples: Sequence[Sample], *, max_pixels: int | None = None) -> DecodedSet:
-    """Decode once through the inference preprocessing; files that fail are skipped and listed."""
-    import torch
+    """Decode once through the inference preprocessing; files that fail are skipped and listed.
 
-    from deepcovid.errors import ImageError
-    from deepcovid.preprocess import collate, load_image
-
+    Read and decoded as the screener does (``read_file`` refuses what storage would, ``load_image`` is the
+    pipeline's decode and preprocess), so a model trains on exactly the input it will later score.
+    """
     kept: list[Sample] = []
     arrays: list[np.ndarray] = []
     skipped: list[tuple[str, str]] = []
     for sample in samples:
         try:
-            data = sample.path.read_bytes()
-            pixels, _info = load_image(data, name=sample.path.name, max_pixels=max_pixels)
+            pixels, _info = load_image(read_file(sample.path), name=sample.path.name, max_pixels=max_pixels)
         except ImageError as exc:
             skipped.append((sample.name, exc.reason))
-            continue
-        except OSError as exc:
-            skipped.append((sample.name, f"unreadable: {exc.strerror or exc}"))
             continue
         kept.append(sample)
         arrays.append(pixels)
@@ -249,14 +249,55 @@ def decode_samples(samples: Sequence[Sample], *, max_pixels: int | None = None) 
     return DecodedSet(samples=kept, images=images, labels=labels, skipped=skipped)
 
 
-def make_augmentation(hflip: bool = False):  # -> torchvision.transforms.v2.Transform
+def prepare_data(args: TrainArgs) -> tuple[Split, DecodedSet, DecodedSet]:
+    """Read, split and decode; the test samples (``split.test``) stay undecoded for ``evaluate_bundle``."""
+    samples = load_labelled(args.data)
+    if args.test is not None:
+        split = split_samples(samples, val_fraction=args.val_fraction, seed=args.seed)
+        split.test = load_labelled(args.test)
+        _warn_on_overlap(split)
+    else:
+        split = split_samples(
+            samples, val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed
+        )
+    max_pixels = get_settings().max_image_pixels
+    train = decode_samples(split.train, max_pixels=max_pixels)
+    val = decode_samples(split.val, max_pixels=max_pixels)
+    for name, part in (("training", train), ("validation", val)):
+        if len(set(part.labels.tolist())) < 2:
+            raise ValueError(f"the {name} split has only one decodable class: {class_counts(part.samples)}")
+    log.info(
+        "data: train %s, validation %s%s, split by %s",
+        class_counts(train.samples),
+        class_counts(val.samples),
+        f", test {class_counts(split.test)}" if split.test else "",
+        "patient" if split.by_patient else "image",
+    )
+    return split, train, val
+
+
+def _warn_on_overlap(split: Split) -> None:
+    """A separate test set that shares patients or files with training data overstates performance."""
+    seen = split.train + split.val
+    patients = {s.patient_id for s in seen if s.patient_id} & {
+        s.patient_id for s in split.test if s.patient_id
+    }
+    files = {s.path.resolve() for s in seen} & {s.path.resolve() for s in split.test}
+    if patients or files:
+        log.warning(
+            "the test set shares %d patient(s) and %d file(s) with the training/validation data: "
+            "its metrics will be optimistic",
+            len(patients),
+            len(files),
+        )
+
+
+def make_augmentation(hflip: bool = False) -> v2.Transform:
     """Mild, anatomy-preserving augmentation (the paper augmented COVID images to enlarge that class).
 
     Horizontal flips are off by default: chest X-rays have a side (heart on the left), and a flipped
     film is an image no scanner produces. The paper did flip; ``hflip=True`` restores that.
     """
-    from torchvision.transforms import v2
-
     steps = [
         v2.RandomRotation(degrees=10),
         v2.RandomResizedCrop(224, scale=(0.9, 1.0), ratio=(0.95, 1.05), antialias=True),
@@ -270,7 +311,9 @@ def make_augmentation(hflip: bool = False):  # -> torchvision.transforms.v2.Tran
 class CachedImages:
     """A torch Dataset over a DecodedSet: (uint8 [3,224,224], label), augmenting chosen classes only."""
 
-    def __init__(self, decoded: DecodedSet, augment=None, augment_labels: Sequence[int] = (1,)) -> None:
+    def __init__(
+        self, decoded: DecodedSet, augment: v2.Transform | None = None, augment_labels: Sequence[int] = (1,)
+    ) -> None:
         self.images = decoded.images
         self.labels = decoded.labels
         self.augment = augment
@@ -279,7 +322,7 @@ class CachedImages:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image = self.images[index]
         label = int(self.labels[index])
         if self.augment is not None and label in self.augment_labels:
@@ -287,15 +330,14 @@ class CachedImages:
         return image, label
 
 
-def balanced_sampler(labels, *, seed: int, num_samples: int | None = None):
+def balanced_sampler(
+    labels: torch.Tensor, *, seed: int, num_samples: int | None = None
+) -> WeightedRandomSampler:
     """Over-sample the minority class so each batch is about half COVID (paper: 84 COVID -> 420).
 
     Drawn with replacement from a seeded generator; the default epoch length is twice the majority
     class, so every majority image is seen about once per epoch.
     """
-    import torch
-    from torch.utils.data import WeightedRandomSampler
-
     counts = torch.bincount(labels, minlength=2).to(torch.float64)
     weights = (1.0 / counts.clamp(min=1))[labels]
     generator = torch.Generator().manual_seed(seed)

@@ -14,13 +14,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy.stats import beta, norm
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import (
+    average_precision_score,
+    precision_recall_curve,
+    roc_auc_score,
+    roc_curve,
+)
 
-DEFAULT_TABLE_THRESHOLDS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+from deepcovid import defaults
 
 
 def _z(confidence: float) -> float:
-    from scipy.stats import norm
-
     return float(norm.ppf(1 - (1 - confidence) / 2))
 
 
@@ -47,8 +53,6 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
 
 def clopper_pearson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
     """Exact (conservative) binomial interval from beta quantiles."""
-    from scipy.stats import beta
-
     _check_counts(successes, n)
     if n == 0:
         return (math.nan, math.nan)
@@ -143,7 +147,7 @@ def operating_point(
 def threshold_table(
     labels: object,
     scores: object,
-    thresholds: Iterable[float] = DEFAULT_TABLE_THRESHOLDS,
+    thresholds: Iterable[float] = defaults.TABLE_THRESHOLDS,
     operating: float | None = None,
     confidence: float = 0.95,
 ) -> list[dict[str, Any]]:
@@ -160,8 +164,6 @@ def threshold_table(
 
 
 def roc_auc(labels: object, scores: object) -> float:
-    from sklearn.metrics import roc_auc_score
-
     y, s = _arrays(labels, scores)
     if len(np.unique(y)) < 2:
         return math.nan
@@ -169,14 +171,17 @@ def roc_auc(labels: object, scores: object) -> float:
 
 
 def auc_with_ci(
-    labels: object, scores: object, *, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0
+    labels: object,
+    scores: object,
+    *,
+    n_resamples: int = defaults.BOOTSTRAP_RESAMPLES,
+    confidence: float = 0.95,
+    seed: int = 0,
 ) -> dict[str, float]:
     """ROC AUC with a percentile bootstrap interval, resampling COVID and non-COVID separately.
 
     Stratified resampling keeps both classes in every replicate, so no replicate is undefined.
     """
-    from sklearn.metrics import roc_auc_score
-
     y, s = _arrays(labels, scores)
     auc = roc_auc(y, s)
     if math.isnan(auc):
@@ -195,23 +200,17 @@ def auc_with_ci(
 
 def roc_points(labels: object, scores: object) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(false positive rate, true positive rate, thresholds) from sklearn."""
-    from sklearn.metrics import roc_curve
-
     y, s = _arrays(labels, scores)
     return roc_curve(y, s)
 
 
 def pr_points(labels: object, scores: object) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(precision, recall, thresholds) from sklearn."""
-    from sklearn.metrics import precision_recall_curve
-
     y, s = _arrays(labels, scores)
     return precision_recall_curve(y, s)
 
 
 def average_precision(labels: object, scores: object) -> float:
-    from sklearn.metrics import average_precision_score
-
     y, s = _arrays(labels, scores)
     if y.sum() == 0:
         return math.nan
@@ -220,8 +219,6 @@ def average_precision(labels: object, scores: object) -> float:
 
 def calibration(labels: object, scores: object, n_bins: int = 10) -> dict[str, list[float]]:
     """Observed COVID fraction against mean predicted probability per bin (empty bins dropped)."""
-    from sklearn.calibration import calibration_curve
-
     y, s = _arrays(labels, scores)
     prob_true, prob_pred = calibration_curve(y, np.clip(s, 0.0, 1.0), n_bins=n_bins, strategy="uniform")
     return {"observed": prob_true.tolist(), "predicted": prob_pred.tolist()}
@@ -232,9 +229,9 @@ def summarize(
     scores: object,
     operating_threshold: float,
     *,
-    thresholds: Sequence[float] = DEFAULT_TABLE_THRESHOLDS,
+    thresholds: Sequence[float] = defaults.TABLE_THRESHOLDS,
     confidence: float = 0.95,
-    n_resamples: int = 1000,
+    n_resamples: int = defaults.BOOTSTRAP_RESAMPLES,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Everything the report shows for one scorer (a model or the ensemble), JSON-ready."""
@@ -251,3 +248,17 @@ def summarize(
         "table": threshold_table(y, s, thresholds, operating_threshold, confidence),
         "calibration": calibration(y, s) if 0 < y.sum() < y.size else None,
     }
+
+
+def strict_json(value: Any) -> Any:
+    """Metrics as strict JSON (bundle manifests, metrics.json): NaN/inf to None, numpy scalars to Python,
+    tuples to lists."""
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value

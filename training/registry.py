@@ -12,45 +12,29 @@ Old predictions keep naming the bundle that made them; nothing here deletes or r
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine
 
-    from deepcovid.bundle import Bundle
-    from deepcovid.settings import Settings
-
-
-class RegistryUnavailable(RuntimeError):
-    """The database cannot be reached or its schema is not current."""
+from db.registry import (
+    UnknownBundle,
+    active_bundle,
+    get_bundle,
+    record_evaluation,
+    register_bundle,
+    set_active,
+)
+from deepcovid.bundle import Bundle, install_bundle
+from deepcovid.ensemble import ENSEMBLE_KEY
+from deepcovid.settings import Settings
 
 
 class PromotionRefused(RuntimeError):
     """The candidate bundle did not pass the promotion gate (use --force to override)."""
 
 
-def open_registry(settings: Settings) -> Engine:
-    """An engine on the configured database, checked to be at the current schema."""
-    import sqlalchemy as sa
-
-    from db.engine import make_engine
-    from db.schema import SchemaNotCurrent, ensure_schema_current
-
-    try:
-        engine = make_engine(settings.effective_database_url)
-        ensure_schema_current(engine)
-    except SchemaNotCurrent as exc:
-        raise RegistryUnavailable(str(exc)) from None
-    except sa.exc.SQLAlchemyError as exc:
-        raise RegistryUnavailable(f"cannot open the database: {exc}") from None
-    return engine
-
-
 def register(engine: Engine, bundle: Bundle, *, settings: Settings) -> Path:
     """Install the verified bundle into the bundles directory and record it; returns the installed path."""
-    from db.registry import register_bundle
-    from deepcovid.bundle import install_bundle
-
     installed = install_bundle(bundle, settings.effective_bundles_dir)
     register_bundle(engine, bundle_id=bundle.bundle_id, manifest=bundle.manifest, path=str(installed))
     return installed
@@ -58,7 +42,7 @@ def register(engine: Engine, bundle: Bundle, *, settings: Settings) -> Path:
 
 def evaluation_summary(metrics: dict[str, Any]) -> dict[str, Any]:
     """The part of an evaluation's metrics.json worth keeping in the database."""
-    ensemble = metrics["ensemble"]
+    ensemble = metrics[ENSEMBLE_KEY]
     op = ensemble["operating_point"]
     return {
         "eval_data_id": metrics["eval_data_id"],
@@ -67,7 +51,7 @@ def evaluation_summary(metrics: dict[str, Any]) -> dict[str, Any]:
         "n_scored": metrics.get("n_scored"),
         "counts": metrics.get("counts"),
         "operating": metrics["operating"],
-        "ensemble": {
+        ENSEMBLE_KEY: {
             "threshold": op["threshold"],
             "sensitivity": op["sensitivity"],
             "specificity": op["specificity"],
@@ -90,8 +74,6 @@ def record_evaluation_for(
     engine: Engine, bundle: Bundle, metrics: dict[str, Any], *, settings: Settings
 ) -> None:
     """Add this evaluation to the bundle's registry record, registering the bundle first if needed."""
-    from db.registry import UnknownBundle, get_bundle, record_evaluation
-
     try:
         record = get_bundle(engine, bundle.bundle_id)
     except UnknownBundle:
@@ -111,8 +93,6 @@ def _evaluations(record: Any) -> dict[str, dict[str, Any]]:
 
 def promotion_check(engine: Engine, candidate_id: str) -> tuple[bool, str]:
     """Whether ``candidate_id`` may become active, and why (or why not)."""
-    from db.registry import active_bundle, get_bundle
-
     candidate = get_bundle(engine, candidate_id)  # UnknownBundle (a LookupError) when not registered
     active = active_bundle(engine)
     if active is None:
@@ -158,8 +138,6 @@ def promotion_check(engine: Engine, candidate_id: str) -> tuple[bool, str]:
 
 def promote_bundle(engine: Engine, candidate_id: str, *, force: bool = False) -> str:
     """Make the candidate the active bundle for new jobs if the gate allows (or ``force``)."""
-    from db.registry import set_active
-
     allowed, reason = promotion_check(engine, candidate_id)
     if not allowed and not force:
         raise PromotionRefused(f"not promoted: {reason}")

@@ -12,7 +12,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-DEFAULT_TARGET_SENSITIVITY = 0.98
+from deepcovid import defaults
+from deepcovid.ensemble import ENSEMBLE_KEY
 
 
 def _as_arrays(labels: object, scores: object) -> tuple[np.ndarray, np.ndarray]:
@@ -46,7 +47,7 @@ def specificity_at(labels: object, scores: object, threshold: float) -> float:
 
 
 def threshold_for_sensitivity(
-    labels: object, scores: object, target: float = DEFAULT_TARGET_SENSITIVITY
+    labels: object, scores: object, target: float = defaults.TARGET_SENSITIVITY
 ) -> float:
     """The highest threshold t with sensitivity(score >= t) >= target.
 
@@ -68,10 +69,10 @@ def choose_thresholds(
     labels: object,
     probabilities: Mapping[str, object],
     ensemble_scores: object | None = None,
-    target: float = DEFAULT_TARGET_SENSITIVITY,
+    target: float = defaults.TARGET_SENSITIVITY,
 ) -> dict[str, float]:
-    """One threshold per architecture, plus ``"ensemble"`` when ensemble scores are given."""
+    """One threshold per architecture, plus one under ``ENSEMBLE_KEY`` when ensemble scores are given."""
     thresholds = {arch: threshold_for_sensitivity(labels, p, target) for arch, p in probabilities.items()}
     if ensemble_scores is not None:
-        thresholds["ensemble"] = threshold_for_sensitivity(labels, ensemble_scores, target)
+        thresholds[ENSEMBLE_KEY] = threshold_for_sensitivity(labels, ensemble_scores, target)
     return thresholds

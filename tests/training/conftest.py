@@ -41,7 +41,8 @@ def trained(
     """A bundle from a short from-scratch run (``--pretrained none --finetune all``) on CPU."""
     import time
 
-    from training.train import TrainArgs, main
+    from training.args import TrainArgs
+    from training.train import main
 
     out = tmp_path_factory.mktemp("trained") / "bundle"
     args = TrainArgs(
@@ -91,13 +92,27 @@ def isolated_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterat
 
 @pytest.fixture(scope="session")
 def training_cli() -> typer.Typer:
-    """A CLI holding just this package's commands (the same functions `deepcovid` registers)."""
-    from training.cli import register
+    """The training commands wired as ``cli.main`` wires them.
+
+    TEMPORARY: built here until ``cli.main`` is merged; then this fixture returns ``cli.main.app``.
+    """
+    from cli.render import guarded
+    from cli.training import (
+        demo_data_command,
+        evaluate_command,
+        promote_command,
+        register_command,
+        train_command,
+    )
 
     app = typer.Typer()
     bundle_app = typer.Typer()
     app.add_typer(bundle_app, name="bundle")
-    register(app, {"bundle": bundle_app, "db": typer.Typer()})
+    app.command("train")(guarded(train_command))
+    app.command("evaluate")(guarded(evaluate_command))
+    app.command("demo-data")(guarded(demo_data_command))
+    bundle_app.command("register")(guarded(register_command))
+    bundle_app.command("promote")(guarded(promote_command))
     return app
 
 

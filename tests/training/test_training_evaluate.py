@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from deepcovid.ensemble import ENSEMBLE_KEY as ENSEMBLE
 from training.data import data_id, load_labelled
-from training.evaluate import ENSEMBLE, plot_names
+from training.report import plot_names
 
 pytestmark = pytest.mark.slow
 

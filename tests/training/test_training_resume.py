@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from tests.fixtures.images import write_labelled_folder
-from training.checkpoint import read_state
-from training.train import ResumeError, TrainArgs, main
+from training.args import TrainArgs
+from training.checkpoint import ResumeError, read_state
+from training.train import main
 
 pytestmark = pytest.mark.slow
 ARCH = "squeezenet1_1"

@@ -1,4 +1,8 @@
-"""Commands contributed by the `training` package: train, evaluate, bundle register, bundle promote."""
+"""Training commands: train, evaluate, bundle register, bundle promote, demo-data.
+
+Thin over ``training``: each command parses options, calls one domain function and prints what it returns.
+Training modules load torch, so they are imported inside the commands.
+"""
 
 from __future__ import annotations
 
@@ -7,27 +11,27 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
+from rich.logging import RichHandler
 
-console = Console(stderr=True, soft_wrap=True)  # long paths and commands stay copyable
-
-
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
-    return typer.Exit(code)
+from cli.render import err_console, fail
+from db.schema import open_database
+from deepcovid import defaults
+from deepcovid.bundle import BundleError, load_bundle
+from deepcovid.errors import UserError
+from deepcovid.networks import PretrainedWeightsUnavailable
+from deepcovid.settings import get_settings
+from training.args import TrainArgs
+from training.synthetic import write_demo_archive, write_labelled_folder
 
 
 def _setup_logging() -> None:
-    from rich.logging import RichHandler
-
-    from deepcovid.settings import get_settings
-
+    """Training logs its progress (epochs, AUCs) at INFO: show it on standard error unless already set up."""
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(
             level=get_settings().log_level,
             format="%(message)s",
-            handlers=[RichHandler(console=console, show_path=False)],
+            handlers=[RichHandler(console=err_console, show_path=False)],
         )
 
 
@@ -38,105 +42,85 @@ def train_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Bundle directory to create (must not exist).")],
     test: Annotated[
         Optional[Path], typer.Option(help="Separate labelled test data, evaluated at the end.")
-    ] = None,
-    arch: Annotated[
+    ] = TrainArgs.test,
+    archs: Annotated[
         Optional[list[str]],
         typer.Option("--arch", help="Train only this network (repeatable). Default: all four."),
     ] = None,
-    pretrained: Annotated[
-        str, typer.Option(help="imagenet, none, or a weights file/directory.")
-    ] = "imagenet",
+    pretrained: Annotated[str, typer.Option(help="imagenet, none, or a weights file/directory.")] = (
+        TrainArgs.pretrained
+    ),
     finetune: Annotated[
         str, typer.Option(help="head: only the last layer (the paper); all: every layer.")
-    ] = "head",
-    epochs: Annotated[int, typer.Option(min=1)] = 100,
-    batch_size: Annotated[int, typer.Option(min=1)] = 100,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-4,
-    seed: int = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    ] = TrainArgs.finetune,
+    epochs: Annotated[int, typer.Option(min=1)] = TrainArgs.epochs,
+    batch_size: Annotated[int, typer.Option(min=1)] = TrainArgs.batch_size,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = TrainArgs.lr,
+    seed: int = TrainArgs.seed,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = TrainArgs.device,
     val_fraction: Annotated[
         float, typer.Option(help="Share of the data (by patient) held out for validation.")
-    ] = 0.2,
+    ] = TrainArgs.val_fraction,
     test_fraction: Annotated[
         float, typer.Option(help="Share held out (by patient) as a test set and evaluated at the end.")
-    ] = 0.0,
+    ] = TrainArgs.test_fraction,
     target_sensitivity: Annotated[
         float, typer.Option(help="Thresholds: the highest that reaches this sensitivity on validation.")
-    ] = 0.98,
+    ] = TrainArgs.target_sensitivity,
     early_stopping: Annotated[
         Optional[int],
         typer.Option(metavar="PATIENCE", help="Stop after this many epochs without a better val AUC."),
-    ] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the checkpoints in --checkpoint-dir.")] = False,
+    ] = TrainArgs.early_stopping,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from the checkpoints in --checkpoint-dir.")
+    ] = TrainArgs.resume,
     checkpoint_dir: Annotated[
         Optional[Path], typer.Option(help="Default: OUT.ckpt beside the bundle.")
-    ] = None,
+    ] = TrainArgs.checkpoint_dir,
     report_dir: Annotated[
         Optional[Path], typer.Option(help="Test report folder. Default: OUT.report.")
-    ] = None,
-    workers: Annotated[int, typer.Option(min=0, max=8, help="DataLoader worker processes.")] = 0,
+    ] = TrainArgs.report_dir,
+    workers: Annotated[
+        int, typer.Option(min=0, max=8, help="DataLoader worker processes.")
+    ] = TrainArgs.workers,
     hflip: Annotated[
         bool, typer.Option(help="Also flip COVID images horizontally when augmenting (the paper did).")
-    ] = False,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    ] = TrainArgs.hflip,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = TrainArgs.progress,
     bf16_check_images: Annotated[
         int,
         typer.Option(
             min=0, help="Validation images scored in bf16 and fp32; CPU workers use bf16 only if they agree."
         ),
-    ] = 512,
+    ] = TrainArgs.bf16_check_images,
 ) -> None:
     """Fine-tune the networks on labelled X-rays; write a bundle with thresholds chosen on validation data."""
-    from deepcovid.bundle import BundleError
-    from deepcovid.networks import PretrainedWeightsUnavailable
+    options = dict(locals())  # every parameter is the TrainArgs field of the same name
+    # torch: kept out of CLI start-up
     from deepcovid.precision import validated_bf16_drift
-    from deepcovid.settings import get_settings
-    from training.data import DataError
-    from training.train import ResumeError, TrainArgs, main
+    from training.checkpoint import ResumeError
+    from training.train import main
 
     _setup_logging()
     try:
-        args = TrainArgs(
-            data=data,
-            out=out,
-            test=test,
-            archs=tuple(arch or ()),
-            pretrained=pretrained,
-            finetune=finetune,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            seed=seed,
-            device=device,
-            val_fraction=val_fraction,
-            test_fraction=test_fraction,
-            target_sensitivity=target_sensitivity,
-            early_stopping=early_stopping,
-            resume=resume,
-            checkpoint_dir=checkpoint_dir,
-            report_dir=report_dir,
-            workers=workers,
-            hflip=hflip,
-            progress=progress,
-            bf16_check_images=bf16_check_images,
-        )
+        args = TrainArgs(**options)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise ValueError(f"{out} already exists; choose a new --out")
         bundle = main(args)
-    except PretrainedWeightsUnavailable as exc:
-        raise _fail(str(exc)) from None
-    except (DataError, ResumeError, BundleError, ValueError) as exc:
-        raise _fail(str(exc)) from None
-    console.print(f"bundle [bold]{bundle.bundle_id}[/] written to {bundle.path}", highlight=False)
+    except (PretrainedWeightsUnavailable, ResumeError, BundleError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    err_console.print(f"bundle [bold]{bundle.bundle_id}[/] written to {bundle.path}", highlight=False)
     validation = bundle.metrics.get("validation", {})
     for name, auc in (validation.get("auc") or {}).items():
-        console.print(f"  validation AUC {name}: {auc if auc is None else f'{auc:.4f}'}", highlight=False)
+        err_console.print(f"  validation AUC {name}: {auc if auc is None else f'{auc:.4f}'}", highlight=False)
     if (worst := validated_bf16_drift(bundle)) is not None:
         tolerance = get_settings().bf16_tolerance
         verdict = (
             "CPU workers with bf16 instructions use bf16" if worst <= tolerance else "workers stay in fp32"
         )
-        console.print(f"  bf16 vs fp32 on validation: up to {worst:.4f} (tolerance {tolerance}): {verdict}")
+        err_console.print(
+            f"  bf16 vs fp32 on validation: up to {worst:.4f} (tolerance {tolerance}): {verdict}"
+        )
 
 
 def evaluate_command(
@@ -144,26 +128,26 @@ def evaluate_command(
     test_data: Annotated[Path, typer.Argument(help="Labelled folder or CSV to evaluate on.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Report folder (report.md, metrics.json, PNGs).")],
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
-    bootstrap: Annotated[int, typer.Option(min=100, help="Bootstrap resamples for the AUC interval.")] = 1000,
+    batch_size: Annotated[int, typer.Option(min=1)] = defaults.EVAL_BATCH_SIZE,
+    bootstrap: Annotated[
+        int, typer.Option(min=100, help="Bootstrap resamples for the AUC interval.")
+    ] = defaults.BOOTSTRAP_RESAMPLES,
     db: Annotated[
         bool, typer.Option("--db/--no-db", help="Record the metrics in the bundle registry.")
     ] = True,
 ) -> None:
     """Evaluate a bundle on labelled test data with the screener's own scoring; write a report."""
-    from deepcovid.bundle import BundleError
-    from training.data import DataError
-    from training.evaluate import evaluate_bundle
+    from training.evaluate import evaluate_bundle  # torch: kept out of CLI start-up
 
     _setup_logging()
     try:
         metrics = evaluate_bundle(
             bundle, test_data, out, device=device, batch_size=batch_size, record_db=db, n_resamples=bootstrap
         )
-    except (BundleError, DataError, ValueError) as exc:
-        raise _fail(str(exc)) from None
+    except (BundleError, ValueError) as exc:  # training.data.DataError is a ValueError
+        raise fail(str(exc)) from None
     op = metrics["operating"]
-    console.print(
+    err_console.print(
         f"ensemble @ {op['threshold']:.4f}: sensitivity {op['sensitivity']}, "
         f"specificity {op['specificity']}, "
         f"AUC {op['auc']}; report in {out}",
@@ -182,28 +166,23 @@ def register_command(
 
     Registering never changes the active bundle (not even the first one); use --promote or `bundle promote`.
     """
-    from deepcovid.bundle import BundleError, load_bundle
-    from deepcovid.settings import get_settings
-    from training.registry import (
-        PromotionRefused,
-        RegistryUnavailable,
-        open_registry,
-        promote_bundle,
-        register,
-    )
+    # torch: kept out of CLI start-up
+    from training.registry import PromotionRefused, promote_bundle, register
 
     settings = get_settings()
     try:
         loaded = load_bundle(bundle)
-        engine = open_registry(settings)
+        engine = open_database(settings)
         installed = register(engine, loaded, settings=settings)
-        console.print(
+        err_console.print(
             f"registered bundle [bold]{loaded.bundle_id}[/] (installed at {installed})", highlight=False
         )
         if promote:
-            console.print(promote_bundle(engine, loaded.bundle_id, force=force), highlight=False)
-    except (BundleError, RegistryUnavailable, PromotionRefused, LookupError) as exc:
-        raise _fail(str(exc)) from None
+            err_console.print(promote_bundle(engine, loaded.bundle_id, force=force), highlight=False)
+    except (BundleError, PromotionRefused, LookupError) as exc:
+        raise fail(str(exc)) from None
+    except UserError as exc:  # the registry commands exit 1 on database problems too, as they always have
+        raise fail(exc.message) from None
 
 
 def promote_command(
@@ -215,14 +194,16 @@ def promote_command(
     The gate compares ensemble sensitivity at the operating threshold on the same evaluation data (same
     eval_data_id); without such a pair of evaluations it refuses unless --force.
     """
-    from deepcovid.settings import get_settings
-    from training.registry import PromotionRefused, RegistryUnavailable, open_registry, promote_bundle
+    # torch: kept out of CLI start-up
+    from training.registry import PromotionRefused, promote_bundle
 
     try:
-        engine = open_registry(get_settings())
-        console.print(promote_bundle(engine, bundle_id, force=force), highlight=False)
-    except (RegistryUnavailable, PromotionRefused, LookupError) as exc:
-        raise _fail(str(exc)) from None
+        engine = open_database(get_settings())
+        err_console.print(promote_bundle(engine, bundle_id, force=force), highlight=False)
+    except (PromotionRefused, LookupError) as exc:
+        raise fail(str(exc)) from None
+    except UserError as exc:  # as in register_command
+        raise fail(exc.message) from None
 
 
 def demo_data_command(
@@ -234,26 +215,10 @@ def demo_data_command(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Generate a synthetic labelled training set and an unlabelled archive (for demos; no patient data)."""
-    from training.synthetic import write_demo_archive, write_labelled_folder
-
     write_labelled_folder(out / "train", images, images, size=size, seed=seed)
     write_demo_archive(out / "archive", images, size=size * 2, seed=seed + 1)
-    console.print(
+    err_console.print(
         f"wrote {2 * images} labelled images to {out / 'train'} and {images} images "
         f"(+2 deliberately broken files) to {out / 'archive'}",
         highlight=False,
     )
-
-
-def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
-    """Attach this package's commands to the CLI (called by deepcovid.cli)."""
-    app.command("demo-data")(demo_data_command)
-    app.command("train")(train_command)
-    app.command("evaluate")(evaluate_command)
-    groups["bundle"].command("register")(register_command)
-    groups["bundle"].command("promote")(promote_command)
-
-
-def run_train() -> None:
-    """Entry point for ``python -m training.train``."""
-    typer.run(train_command)

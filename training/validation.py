@@ -1,0 +1,66 @@
+"""What a trained bundle records about its validation data: the thresholds chosen on it, AUCs and operating
+points, and how far bf16 moves its probabilities (which decides whether CPU workers may use bf16)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from deepcovid.ensemble import ENSEMBLE_KEY, combine
+from deepcovid.networks import prepare_network
+from deepcovid.precision import precision_drift
+from training.metrics import operating_point, roc_auc, strict_json
+from training.thresholds import choose_thresholds
+
+log = logging.getLogger(__name__)
+
+POLICY = "mean"
+"""The ensemble rule of trained bundles: their ensemble threshold is chosen on its scores."""
+
+
+@dataclass
+class ValidationRecord:
+    """Thresholds chosen on the validation split, and the bundle's ``metrics["validation"]``."""
+
+    thresholds: dict[str, float]  # per network
+    ensemble_threshold: float
+    metrics: dict[str, Any]
+
+
+def validation_record(
+    labels: np.ndarray, probabilities: Mapping[str, np.ndarray], target: float
+) -> ValidationRecord:
+    """Each network's and the ensemble's threshold for ``target`` sensitivity, with the AUCs and operating
+    points they give on the same data (optimistic, and said so)."""
+    ensemble_scores = combine(probabilities, policy=POLICY).ensemble_score
+    thresholds = choose_thresholds(labels, probabilities, ensemble_scores, target=target)
+    scores = {**probabilities, ENSEMBLE_KEY: ensemble_scores}
+    metrics = {
+        "target_sensitivity": target,
+        "n": int(labels.size),
+        "auc": {name: strict_json(roc_auc(labels, s)) for name, s in scores.items()},
+        "operating_points": {
+            name: strict_json(operating_point(labels, s, thresholds[name])) for name, s in scores.items()
+        },
+        "note": "thresholds were chosen on this validation set, so these operating points are optimistic",
+    }
+    ensemble_threshold = thresholds.pop(ENSEMBLE_KEY)
+    return ValidationRecord(thresholds=thresholds, ensemble_threshold=ensemble_threshold, metrics=metrics)
+
+
+def bf16_check(models: Mapping[str, nn.Module], images: torch.Tensor, limit: int) -> dict[str, float]:
+    """Per network, the largest bf16-vs-fp32 change of a COVID probability on up to ``limit`` validation
+    images, measured on CPU as workers will run it (BatchNorm folded). Stored in the bundle: a CPU worker
+    scores in bf16 only where this stays within its tolerance (``DEEPCOVID_BF16_TOLERANCE``)."""
+    cpu = torch.device("cpu")
+    served = {arch: prepare_network(copy.deepcopy(model).float(), cpu) for arch, model in models.items()}
+    drift = precision_drift(served, images[:limit], torch.bfloat16, cpu)
+    log.info("bf16 vs fp32 on %d validation images: %s", min(limit, int(images.shape[0])), drift)
+    return {arch: round(value, 6) for arch, value in drift.items()}
