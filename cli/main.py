@@ -10,10 +10,9 @@ import sys
 
 import typer
 
-from cli import core, db, jobs, scan, worker
+from cli import core, db, jobs, scan, training, worker
 from cli.render import error, guarded
 from deepcovid.exitcodes import ExitCode, help_text
-from training import cli as training
 
 app = typer.Typer(
     help="Deep-COVID Screen: screen chest X-ray archives for COVID-19 with a four-CNN ensemble.",

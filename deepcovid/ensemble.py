@@ -34,12 +34,9 @@ from deepcovid.devices import resolve_device
 from deepcovid.networks import COVID_INDEX, prepare_network
 from deepcovid.precision import autocast_dtype, validated_bf16_drift
 from deepcovid.preprocess import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE, normalize
-from deepcovid.results import ImageResult
+from deepcovid.results import ENSEMBLE_KEY, ImageResult
 from deepcovid.settings import Settings, get_settings
 from deepcovid.status import ImageStatus
-
-ENSEMBLE_KEY = "ensemble"
-"""The key of the ensemble's own threshold (and scores) beside the networks' in every per-scorer dict."""
 
 
 @dataclass

@@ -10,6 +10,9 @@ from typing import Any
 
 from deepcovid.status import ImageStatus
 
+ENSEMBLE_KEY = "ensemble"
+"""The key of the ensemble's own threshold (and scores) beside the networks' in every per-scorer dict."""
+
 
 @dataclass
 class ImageResult:
@@ -26,7 +29,7 @@ class ImageResult:
     ensemble_score: float | None = None
     ensemble_decision: bool | None = None
     disagreement: float | None = None
-    # Thresholds used: one per architecture plus "ensemble".
+    # Thresholds used: one per architecture plus ENSEMBLE_KEY.
     thresholds: dict[str, float] = field(default_factory=dict)
     # What the decoder learnt: format, width, height, bit_depth, mode and, for DICOM,
     # study/series/SOP instance UIDs, modality, view position, body part. Never patient identity.

@@ -21,10 +21,10 @@ import numpy as np
 from db.schema import open_database
 from deepcovid import defaults
 from deepcovid.bundle import Bundle, load_bundle
-from deepcovid.ensemble import ENSEMBLE_KEY, Ensemble
+from deepcovid.ensemble import Ensemble
 from deepcovid.errors import UserError
 from deepcovid.pipeline import score_chunk
-from deepcovid.results import ImageResult
+from deepcovid.results import ENSEMBLE_KEY, ImageResult
 from deepcovid.settings import Settings, get_settings
 from deepcovid.storage import open_storage
 from training.data import Sample, class_counts, data_id, load_labelled

@@ -25,7 +25,7 @@ from db.registry import (
     set_active,
 )
 from deepcovid.bundle import Bundle, install_bundle
-from deepcovid.ensemble import ENSEMBLE_KEY
+from deepcovid.results import ENSEMBLE_KEY
 from deepcovid.settings import Settings
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from deepcovid.ensemble import ENSEMBLE_KEY
+from deepcovid.results import ENSEMBLE_KEY
 from training.data import LABELS
 from training.metrics import pr_points, roc_points
 

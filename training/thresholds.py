@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from deepcovid import defaults
-from deepcovid.ensemble import ENSEMBLE_KEY
+from deepcovid.results import ENSEMBLE_KEY
 
 
 def _as_arrays(labels: object, scores: object) -> tuple[np.ndarray, np.ndarray]:

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from deepcovid.ensemble import ENSEMBLE_KEY, combine
+from deepcovid.ensemble import combine
 from deepcovid.networks import prepare_network
 from deepcovid.precision import precision_drift
+from deepcovid.results import ENSEMBLE_KEY
 from training.metrics import operating_point, roc_auc, strict_json
 from training.thresholds import choose_thresholds
 

@@ -92,27 +92,8 @@ def isolated_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterat
 
 @pytest.fixture(scope="session")
 def training_cli() -> typer.Typer:
-    """The training commands wired as ``cli.main`` wires them.
+    from cli.main import app
 
-    TEMPORARY: built here until ``cli.main`` is merged; then this fixture returns ``cli.main.app``.
-    """
-    from cli.render import guarded
-    from cli.training import (
-        demo_data_command,
-        evaluate_command,
-        promote_command,
-        register_command,
-        train_command,
-    )
-
-    app = typer.Typer()
-    bundle_app = typer.Typer()
-    app.add_typer(bundle_app, name="bundle")
-    app.command("train")(guarded(train_command))
-    app.command("evaluate")(guarded(evaluate_command))
-    app.command("demo-data")(guarded(demo_data_command))
-    bundle_app.command("register")(guarded(register_command))
-    bundle_app.command("promote")(guarded(promote_command))
     return app
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from deepcovid.ensemble import ENSEMBLE_KEY as ENSEMBLE
+from deepcovid.results import ENSEMBLE_KEY as ENSEMBLE
 from training.data import data_id, load_labelled
 from training.report import plot_names
 
