@@ -21,6 +21,7 @@ from tests.fixtures.faults import (
     j2k_dicom_declaring,
     png_of_zeros,
     rle_dicom_declaring,
+    webp_of_zeros,
 )
 from tests.fixtures.services import service_env
 
@@ -63,8 +64,12 @@ BOMBS: dict[str, Callable[[], bytes]] = {
     "rgba.png": lambda: png_of_zeros(SIDE, color_type=6, bit_depth=8),
     "rgb48.png": lambda: png_of_zeros(SIDE, color_type=2, bit_depth=16),
     "gray16.png": lambda: png_of_zeros(SIDE, color_type=0, bit_depth=16),
-    # About 250 KB of TIFF: 8000 x 8000 32-bit floats.
+    # 34 bytes of lossless WebP declaring 8000 x 8000: libwebp decodes to RGBA, then Pillow copies it twice.
+    "black.webp": lambda: webp_of_zeros(SIDE),
+    # About 250 KB of TIFF, 8000 x 8000 32-bit floats: in one strip (libtiff decodes the whole strip
+    # before Pillow copies it), and in strips of 64 rows.
     "float.tif": lambda: float_tiff_of_zeros(SIDE),
+    "float-strips.tif": lambda: float_tiff_of_zeros(SIDE, rows_per_strip=64),
 }
 
 # What each file must come to with the default DEEPCOVID_MAX_DECODED_BYTES: refused from its header, or
@@ -76,7 +81,9 @@ EXPECTED = {
     "rgba.png": [SIDE, SIDE, 3],
     "rgb48.png": [SIDE, SIDE, 3],
     "gray16.png": [SIDE, SIDE],
-    "float.tif": [SIDE, SIDE],
+    "black.webp": "too_large",
+    "float.tif": "too_large",
+    "float-strips.tif": [SIDE, SIDE],
 }
 
 
@@ -114,7 +121,7 @@ def test_a_bomb_is_refused_or_decoded_in_bounded_memory(tmp_path: Path, name: st
 
 def test_three_large_images_at_once_share_one_budget(tmp_path: Path) -> None:
     """Each of these fits the limit alone; decoded by three threads at once they must not add up."""
-    names = ["j2k-gray16.dcm", "rgba.png", "float.tif"]
+    names = ["j2k-gray16.dcm", "rgba.png", "float-strips.tif"]
     outcomes, peak_mb = decode_in_child(write_bombs(tmp_path, names))
     assert outcomes == [EXPECTED[name] for name in names]
     assert peak_mb < PEAK_LIMIT_MB, f"peak RSS {peak_mb} MB"
