@@ -23,7 +23,7 @@ from tests.fixtures.faults import (
     rle_dicom_declaring,
     webp_of_zeros,
 )
-from tests.fixtures.services import service_env
+from tests.fixtures.services import REPO_ROOT, service_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -92,6 +92,7 @@ def decode_in_child(paths: list[Path]) -> tuple[list[object], int]:
     done = subprocess.run(
         [sys.executable, "-c", CHILD, str(ADDRESS_SPACE_CAP), *map(str, paths)],
         env=env,
+        cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=240,
