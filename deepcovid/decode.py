@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from deepcovid.decoded import NEVER_CAUGHT, DecodedImage, ImageInfo, library_failure
-from deepcovid.dicom import DICOM_COLUMNS, DICOM_KEYWORDS, Transform, decode_dicom, dicom_columns
+from deepcovid.decoded import NEVER_CAUGHT, DecodedImage, ImageInfo, Transform, library_failure
+from deepcovid.dicomfields import DICOM_COLUMNS, DICOM_KEYWORDS, dicom_columns
 from deepcovid.errors import DecodeError, StorageError
 from deepcovid.formats import PILLOW_FORMATS, is_dicom, sniff
 from deepcovid.limits import DECODING, check_decoded_bytes, check_pixels
@@ -87,6 +87,8 @@ def decode(
     byte_limit = get_settings().max_decoded_bytes if max_decoded_bytes is None else max_decoded_bytes
     try:
         if is_dicom(data):
+            from deepcovid.dicom import decode_dicom  # pydicom: a second of import, only once a DICOM comes
+
             return decode_dicom(
                 data, max_pixels=pixel_limit, max_decoded_bytes=byte_limit, transform=transform
             )

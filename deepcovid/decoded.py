@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -18,6 +19,9 @@ from deepcovid.errors import DecodeError
 
 NEVER_CAUGHT = (KeyboardInterrupt, SystemExit, GeneratorExit)
 """Exceptions that end the process or the generator, never one image's decode."""
+
+Transform = Callable[[np.ndarray], np.ndarray]
+"""Work done on decoded pixels while their bytes still count against the decode budget (a resize)."""
 
 _DETAIL_LIMIT = 200
 

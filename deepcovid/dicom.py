@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -33,36 +33,18 @@ from pydicom.pixels import (
 from pydicom.uid import JPEG2000TransferSyntaxes
 
 from deepcovid.codestream import FrameSize, declared_size
-from deepcovid.decoded import NEVER_CAUGHT, DecodedImage, ImageInfo, describe
+from deepcovid.decoded import NEVER_CAUGHT, DecodedImage, ImageInfo, Transform, describe
+from deepcovid.dicomfields import DICOM_KEYWORDS
 from deepcovid.errors import DecodeError
 from deepcovid.limits import DECODING, check_decoded_bytes, check_pixels
 from deepcovid.pixels import row_bands, scale_rows_to_uint8, scale_to_uint8
 
 PROJECTION_MODALITIES = frozenset({"CR", "DX", "DR", "RG", "OT"})
-# DICOM attributes kept for audit, each cut to the longest value its VR allows (UI 64, CS 16).
-# Patient name, id and birth date are deliberately absent.
-DICOM_KEYWORDS: dict[str, int] = {
-    "StudyInstanceUID": 64,
-    "SeriesInstanceUID": 64,
-    "SOPInstanceUID": 64,
-    "Modality": 16,
-    "ViewPosition": 16,
-    "BodyPartExamined": 16,
-}
-# The kept attributes the results database stores in columns of their own, by column name.
-DICOM_COLUMNS: dict[str, str] = {
-    "study_uid": "StudyInstanceUID",
-    "series_uid": "SeriesInstanceUID",
-    "sop_uid": "SOPInstanceUID",
-    "view": "ViewPosition",
-}
 # The (7FE0,0010) Pixel Data tag as it appears in little- and big-endian files.
 _PIXEL_DATA_TAG_LE = b"\xe0\x7f\x10\x00"
 _PIXEL_DATA_TAG_BE = b"\x7f\xe0\x00\x10"
 # OpenJPEG decodes every sample into a 32-bit integer, whatever its precision.
 _J2K_BYTES_PER_SAMPLE = 4
-
-Transform = Callable[[np.ndarray], np.ndarray]
 
 
 def decode_dicom(
@@ -258,9 +240,3 @@ def _audit(ds: Any) -> dict[str, str]:
         if text:
             kept[keyword] = text[:length]
     return kept
-
-
-def dicom_columns(info: Mapping[str, Any] | None) -> dict[str, str | None]:
-    """The ``DICOM_COLUMNS`` values of an image, from the ``info`` the decoder produced (None if absent)."""
-    dicom = (info or {}).get("dicom") or {}
-    return {column: dicom.get(keyword) or None for column, keyword in DICOM_COLUMNS.items()}

@@ -88,16 +88,9 @@ EXPECTED = {
 
 
 def decode_in_child(paths: list[Path]) -> tuple[list[object], int]:
+    command = [sys.executable, "-c", CHILD, str(ADDRESS_SPACE_CAP), *map(str, paths)]
     env = service_env(OPENBLAS_NUM_THREADS="1")
-    done = subprocess.run(
-        [sys.executable, "-c", CHILD, str(ADDRESS_SPACE_CAP), *map(str, paths)],
-        env=env,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
+    done = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     outcomes = [o[1] if o[0] == "decoded" else o[0] for o in report["outcomes"]]
