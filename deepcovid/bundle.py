@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -46,6 +47,18 @@ _REQUIRED_KEYS = (
     "ensemble",
     "files",
 )
+
+
+# float32 bytes of each network's state dict (parameters and buffers), what its weights file holds after
+# a header of tensor names and shapes; tests/deepcovid/test_bundle_entries.py checks them against the
+# networks. A file larger than that plus WEIGHTS_HEADER_ALLOWANCE is refused before it is read.
+WEIGHTS_DATA_BYTES: dict[str, int] = {
+    "resnet18": 44_748_712,
+    "resnet50": 94_261_424,
+    "squeezenet1_1": 2_894_088,
+    "densenet121": 28_159_184,
+}
+WEIGHTS_HEADER_ALLOWANCE = 1 << 20  # densenet121's safetensors header, the largest, is 83 KB
 
 
 class BundleError(Exception):
@@ -101,6 +114,35 @@ class Bundle:
 
 def weights_filename(arch: str) -> str:
     return f"{arch}.safetensors"
+
+
+def max_weights_bytes(arch: str) -> int:
+    """The largest weights file ``arch`` can need: its float32 tensors and their header."""
+    return WEIGHTS_DATA_BYTES[arch] + WEIGHTS_HEADER_ALLOWANCE
+
+
+def _regular_file(bundle_path: Path, name: str) -> os.stat_result:
+    """The entry's own status (never a link's target): a symbolic link or anything but a file is refused,
+    so a bundle reads only the files it holds."""
+    try:
+        status = (bundle_path / name).lstat()
+    except FileNotFoundError as exc:
+        raise BundleError(f"bundle {bundle_path} is incomplete: {name} is missing") from exc
+    except OSError as exc:
+        raise BundleError(f"bundle {bundle_path}: cannot read {name}: {exc}") from exc
+    if stat.S_ISLNK(status.st_mode):
+        raise BundleError(f"bundle {bundle_path}: {name} is a symbolic link; a bundle holds its own files")
+    if not stat.S_ISREG(status.st_mode):
+        raise BundleError(f"bundle {bundle_path}: {name} is not a regular file")
+    return status
+
+
+def _check_weights_size(bundle_path: Path, arch: str, size: int) -> None:
+    if size > max_weights_bytes(arch):
+        raise BundleError(
+            f"bundle {bundle_path}: {weights_filename(arch)} has {size} bytes, more than the "
+            f"{max_weights_bytes(arch)} a {arch} needs"
+        )
 
 
 def compute_bundle_id(manifest: Mapping[str, Any]) -> str:
@@ -228,8 +270,9 @@ def read_manifest(path: Path | str) -> dict[str, Any]:
     manifest_path = path / MANIFEST
     if not path.is_dir():
         raise BundleError(f"{path} is not a bundle directory")
-    if not manifest_path.is_file():
+    if not manifest_path.is_file() and not manifest_path.is_symlink():
         raise BundleError(f"{path} is not a complete bundle: {MANIFEST} is missing")
+    _regular_file(path, MANIFEST)
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -278,13 +321,14 @@ def load_bundle(path: Path | str) -> Bundle:
             f"but it claims id {manifest['bundle_id']}"
         )
     _check_manifest_contents(path, manifest)
+    archs_by_file = {weights_filename(arch): arch for arch in manifest["architectures"]}
     for name, entry in manifest["files"].items():
         if Path(name).name != name or name in (MANIFEST, "", ".", ".."):
             raise BundleError(f"bundle {path}: invalid file name {name!r} in the manifest")
         file_path = path / name
-        if not file_path.is_file():
-            raise BundleError(f"bundle {path} is incomplete: {name} is missing")
-        size = file_path.stat().st_size
+        size = _regular_file(path, name).st_size
+        if name in archs_by_file:
+            _check_weights_size(path, archs_by_file[name], size)
         if size != entry.get("size"):
             raise BundleError(
                 f"bundle {path}: {name} has {size} bytes, the manifest says {entry.get('size')}"
@@ -311,10 +355,7 @@ def load_networks(
         if arch not in bundle.architectures:
             raise BundleError(f"bundle {bundle.bundle_id} has no {arch} network")
         name = weights_filename(arch)
-        try:
-            data = bundle.weights_path(arch).read_bytes()
-        except OSError as exc:
-            raise BundleError(f"bundle {bundle.path}: cannot read {name}: {exc}") from exc
+        data = _read_weights(bundle, arch)
         if hashlib.sha256(data).hexdigest() != bundle.manifest["files"][name]["sha256"]:
             raise BundleError(f"bundle {bundle.path}: {name} has been modified (sha256 does not match)")
         try:
@@ -328,6 +369,22 @@ def load_networks(
             raise BundleError(f"bundle {bundle.path}: {name} does not fit {arch}: {exc}") from exc
         networks[arch] = model.eval()
     return networks
+
+
+def _read_weights(bundle: Bundle, arch: str) -> bytes:
+    """The weights file's bytes, read without following a symbolic link (one swapped in after
+    ``load_bundle`` is refused) and never more than ``arch`` can need."""
+    name = weights_filename(arch)
+    limit = max_weights_bytes(arch)
+    try:
+        fd = os.open(bundle.weights_path(arch), os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as handle:
+            _check_weights_size(bundle.path, arch, os.fstat(handle.fileno()).st_size)
+            data = handle.read(limit + 1)
+    except OSError as exc:
+        raise BundleError(f"bundle {bundle.path}: cannot read {name}: {exc}") from exc
+    _check_weights_size(bundle.path, arch, len(data))
+    return data
 
 
 def install_bundle(bundle: Bundle | Path | str, bundles_dir: Path | str) -> Path:
@@ -347,7 +404,7 @@ def install_bundle(bundle: Bundle | Path | str, bundles_dir: Path | str) -> Path
     staging.mkdir()
     try:
         for name in [*bundle.manifest["files"], MANIFEST]:
-            shutil.copyfile(bundle.path / name, staging / name)
+            shutil.copyfile(bundle.path / name, staging / name, follow_symlinks=False)
         load_bundle(staging)  # the copy itself must verify before it becomes visible
         if destination.exists():  # broken install: move it aside, then take its place
             stale = bundles_dir / f".{bundle.bundle_id}.stale-{uuid.uuid4().hex[:8]}"

@@ -121,3 +121,9 @@ BOOTSTRAP_RESAMPLES = 1000
 
 TABLE_THRESHOLDS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 """Thresholds of the paper's sensitivity/specificity table."""
+
+MAX_DECODED_BYTES = 256 * 1024 * 1024
+"""Bytes decoding one image may hold (rows x columns x samples x bytes per sample, from the header), and
+the budget a process's decode threads share. A 4280 x 3520 16-bit chest radiograph holds 30 MB (60 MB in
+JPEG 2000, whose codec works in 32-bit integers); 8000 x 8000 RGB at 32 bits, 768 MB, is refused. Turning
+the decoded samples into 8-bit pixels adds at most as much again, so decoding holds about 512 MiB at most."""

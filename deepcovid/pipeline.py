@@ -56,12 +56,19 @@ def _name_of(uri: str) -> str:
     return os.path.basename(uri.rstrip("/"))
 
 
-def _prepare(storage: Storage, uri: str, max_pixels: int, propagate: tuple[type[BaseException], ...]) -> Any:
+def _prepare(
+    storage: Storage, uri: str, settings: Settings, propagate: tuple[type[BaseException], ...]
+) -> Any:
     size: int | None = None
     try:
         data = storage.read(uri)
         size = len(data)
-        pixels, info = load_image(data, name=_name_of(uri), max_pixels=max_pixels)
+        pixels, info = load_image(
+            data,
+            name=_name_of(uri),
+            max_pixels=settings.max_image_pixels,
+            max_decoded_bytes=settings.max_decoded_bytes,
+        )
         return _Prepared(pixels=pixels, info=info.as_dict(), size=size)
     except ImageError as exc:
         log.debug("image failed (%s): %s", exc.reason, uri)
@@ -131,7 +138,7 @@ def score_chunk(
     pool = ThreadPoolExecutor(threads, thread_name_prefix="deepcovid-decode")
     try:
         futures: list[Future[Any]] = [
-            pool.submit(_prepare, storage, uri, settings.max_image_pixels, propagate) for uri in uris
+            pool.submit(_prepare, storage, uri, settings, propagate) for uri in uris
         ]
         pending: list[tuple[int, _Prepared]] = []
         finished_since_report = 0

@@ -48,14 +48,28 @@ def to_model_input(pixels: np.ndarray, *, reducing_gap: float | None = None) -> 
     return np.asarray(out, dtype=np.uint8)
 
 
-def load_image(data: bytes, *, name: str = "", max_pixels: int | None = None) -> tuple[np.ndarray, ImageInfo]:
+def load_image(
+    data: bytes, *, name: str = "", max_pixels: int | None = None, max_decoded_bytes: int | None = None
+) -> tuple[np.ndarray, ImageInfo]:
     """Decode and preprocess in one go (the pipeline's path); raises only ``DecodeError``.
 
     JPEGs decode at the smallest DCT scale whose shorter side is still at least twice the input
-    size, and large images are box-reduced before the final bilinear resize.
+    size, and large images are box-reduced before the final bilinear resize. The resize runs inside the
+    decode, while the image's bytes still count against the decode budget.
     """
-    decoded = decode(data, name=name, max_pixels=max_pixels, min_side=2 * INPUT_SIZE)
-    return to_model_input(decoded.pixels, reducing_gap=REDUCING_GAP), decoded.info
+    decoded = decode(
+        data,
+        name=name,
+        max_pixels=max_pixels,
+        min_side=2 * INPUT_SIZE,
+        max_decoded_bytes=max_decoded_bytes,
+        transform=_model_input,
+    )
+    return decoded.pixels, decoded.info
+
+
+def _model_input(pixels: np.ndarray) -> np.ndarray:
+    return to_model_input(pixels, reducing_gap=REDUCING_GAP)
 
 
 def collate(images: list[np.ndarray]) -> torch.Tensor:

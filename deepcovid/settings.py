@@ -69,6 +69,8 @@ class Settings(BaseSettings):
     # Input limits: refuse before decoding rather than exhaust memory.
     max_image_pixels: int = defaults.MAX_IMAGE_PIXELS
     max_file_bytes: int = defaults.MAX_FILE_BYTES
+    # Bytes decoding one image may hold, from its header; also what all decode threads hold at once.
+    max_decoded_bytes: int = defaults.MAX_DECODED_BYTES
 
     # ImageNet weights: torchvision's hub cache is used when it holds them; otherwise this directory.
     imagenet_weights_dir: Path | None = None

@@ -520,7 +520,8 @@ def test_16_bit_dicom_lookup_table_matches_the_float_path(options: dict[str, obj
     """The one-lookup-table path for 16-bit DICOM pixels gives exactly the per-pixel float64 result."""
     from pydicom import dcmread
 
-    from deepcovid.decode import _display_values, _integer_pixels_to_uint8, scale_to_uint8
+    from deepcovid.dicom import _display_values, _integer_pixels_to_uint8
+    from deepcovid.pixels import scale_to_uint8
 
     ds = dcmread(io.BytesIO(dicom_bytes(size=(48, 32), **options)))  # type: ignore[arg-type]
     arr = ds.pixel_array
