@@ -18,8 +18,10 @@ Choices made here (DICOM's are in ``deepcovid.dicom``):
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import stat
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -118,26 +120,46 @@ def decode_path(
 
 
 def read_file(path: str | Path, *, max_bytes: int | None = None) -> bytes:
-    """Read a whole local file, refusing files over ``max_bytes`` (default ``Settings.max_file_bytes``)."""
+    """Read a whole regular local file, refusing one over ``max_bytes`` (default ``Settings.max_file_bytes``).
+
+    The file is opened non-blocking and checked on its descriptor, so a FIFO or a device is refused at
+    once instead of blocking or streaming forever. Details never repeat the path: it may name a patient.
+    """
     if max_bytes is None:
         max_bytes = get_settings().max_file_bytes
-    path = Path(path)
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        with path.open("rb") as handle:
-            if os.fstat(handle.fileno()).st_size > max_bytes:
-                raise StorageError("too_large", f"file exceeds the limit of {max_bytes} bytes")
-            data = handle.read(max_bytes + 1)
-    except FileNotFoundError as exc:
-        raise StorageError("not_found", f"no such file: {path}") from exc
-    except PermissionError as exc:
-        raise StorageError("permission_denied", f"permission denied: {path}") from exc
-    except IsADirectoryError as exc:
-        raise StorageError("is_a_directory", f"is a directory: {path}") from exc
+        fd = os.open(path, flags)
     except OSError as exc:
-        raise StorageError("unreadable", f"{path}: {exc.strerror or exc}") from exc
+        raise _read_error(exc) from exc
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise StorageError("is_a_directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise StorageError("unreadable", "not a regular file (a FIFO, device or socket)")
+        if st.st_size > max_bytes:
+            raise StorageError("too_large", f"file exceeds the limit of {max_bytes} bytes")
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            data = handle.read(max_bytes + 1)
+    except OSError as exc:
+        raise _read_error(exc) from exc
+    finally:
+        os.close(fd)
     if len(data) > max_bytes:
         raise StorageError("too_large", f"file exceeds the limit of {max_bytes} bytes")
     return data
+
+
+def _read_error(exc: OSError) -> StorageError:
+    reason = {
+        errno.ENOENT: "not_found",
+        errno.ENOTDIR: "not_found",
+        errno.EACCES: "permission_denied",
+        errno.EPERM: "permission_denied",
+        errno.EISDIR: "is_a_directory",
+    }.get(exc.errno or 0, "unreadable")
+    return StorageError(reason, exc.strerror or type(exc).__name__)
 
 
 def _pixel_limit(max_pixels: int | None) -> int:
