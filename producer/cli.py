@@ -532,8 +532,8 @@ def requeue_command(
     chunk_size: Optional[int] = typer.Option(None, "--chunk-size", min=1, help="Images per task message."),
 ) -> None:
     """Send a job's failed (or stuck queued) images back to the workers, e.g. after fixing storage."""
+    from db.jobs import requeue_failed
     from db.queries import queued_uris
-    from db.writes import requeue_failed
     from deepcovid.errors import REASONS
     from deepcovid.queue import make_celery, send_chunk
     from deepcovid.settings import get_settings

@@ -316,7 +316,8 @@ def enqueue(
 
     Raises PreflightError (with its exit code) before any job is created when something is missing.
     """
-    from db.writes import create_job, finish_job_if_done, register_images
+    from db.jobs import create_job, finish_job_if_done
+    from db.writes import register_images
     from deepcovid.queue import make_celery, send_chunk
     from deepcovid.settings import get_settings
 

@@ -186,7 +186,8 @@ def screen(
     the chunk in flight; running again resumes (images scored by the bundle are skipped). On Ctrl-C the
     summary comes back with ``interrupted=True``. ``on_images(n)`` reports progress after every batch.
     """
-    from db.writes import create_job, finish_job_if_done, register_images, write_results
+    from db.jobs import create_job, finish_job_if_done
+    from db.writes import register_images, write_results
     from deepcovid.ensemble import Ensemble
     from deepcovid.pipeline import score_chunk
     from deepcovid.settings import get_settings

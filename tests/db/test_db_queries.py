@@ -11,6 +11,7 @@ from collections.abc import Callable
 import pytest
 from sqlalchemy.engine import Engine
 
+from db.jobs import create_job, finish_job_if_done
 from db.queries import (
     RESULT_FIELDS,
     UnknownJob,
@@ -21,7 +22,7 @@ from db.queries import (
     job_progress,
     list_jobs,
 )
-from db.writes import ImageRef, create_job, finish_job_if_done, register_images, write_results
+from db.writes import ImageRef, register_images, write_results
 from deepcovid.results import ImageResult
 from deepcovid.status import ImageStatus, JobStatus
 
