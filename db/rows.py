@@ -121,6 +121,19 @@ def score_row(result: ImageResult) -> dict[str, Any]:
     return row
 
 
+def chunk_row(
+    *, bundle_id: str, job_id: int, now: datetime, worker_host: str | None, device: str | None
+) -> dict[str, Any]:
+    """The prediction values every result of one chunk shares, keyed by CHUNK_COLUMNS."""
+    return {
+        "bundle_id": bundle_id,
+        "job_id": job_id,
+        "scored_at": now,
+        "worker_host": worker_host,
+        "device": device,
+    }
+
+
 def as_float(value: Any) -> float | None:
     """numpy scalars to plain floats (drivers do not adapt them); NaN stored as NULL."""
     if value is None:

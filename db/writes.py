@@ -23,12 +23,12 @@ from db import postgres
 from db.engine import writer
 from db.models import utcnow
 from db.rows import (
-    CHUNK_COLUMNS,
     LISTING_COLUMNS,
     PREDICTION_KEY,
     PREDICTION_UPDATES,
     REQUEUE_COLUMNS,
     ImageRef,
+    chunk_row,
     register_row,
     result_image_row,
     result_image_updates,
@@ -142,20 +142,19 @@ def write_results(
         return
     now = utcnow()
     by_uri = {result.uri: result for result in results}
-    chunk = dict(zip(CHUNK_COLUMNS, (bundle_id, job_id, now, worker_host, device), strict=True))
     if engine.dialect.name == "postgresql":
         # Sorted so two transactions writing overlapping chunks lock their image rows in the same order.
-        ordered = [by_uri[uri] for uri in sorted(by_uri)]
-        with writer(engine).begin() as conn:
-            postgres.write_chunk(conn, *_chunk_rows(ordered, job_id, now), chunk)
-        return
+        by_uri = {uri: by_uri[uri] for uri in sorted(by_uri)}
     image_rows, scores = _chunk_rows(by_uri.values(), job_id, now)
+    chunk = chunk_row(bundle_id=bundle_id, job_id=job_id, now=now, worker_host=worker_host, device=device)
     with writer(engine).begin() as conn:
-        dialect = conn.dialect.name
-        ids = dict(conn.execute(_result_images_statement(dialect, job_id), image_rows).all())
+        if conn.dialect.name == "postgresql":
+            postgres.write_chunk(conn, image_rows, scores, chunk)
+            return
+        ids = dict(conn.execute(_result_images_statement(conn.dialect.name, job_id), image_rows).all())
         prediction_rows = [{"image_id": ids[uri], **chunk, **row} for uri, row in scores.items()]
         if prediction_rows:
-            conn.execute(_predictions_statement(dialect), prediction_rows)
+            conn.execute(_predictions_statement(conn.dialect.name), prediction_rows)
 
 
 def _chunk_rows(
