@@ -19,14 +19,16 @@ from sqlalchemy.dialects.postgresql import psycopg
 from sqlalchemy.engine import Connection
 
 from db.rows import (
-    CHUNK_COLUMNS,
+    LISTED_COLUMNS,
     LISTING_COLUMNS,
     PREDICTION_COLUMNS,
     PREDICTION_KEY,
+    PREDICTION_SHARED,
     PREDICTION_UPDATES,
-    REGISTER_COLUMNS,
+    REGISTER_SHARED,
     REQUEUE_COLUMNS,
     RESULT_IMAGE_COLUMNS,
+    RESULT_IMAGE_SHARED,
     SCORE_COLUMNS,
     result_image_updates,
 )
@@ -48,6 +50,11 @@ def _array_type(column: sa.Column[Any]) -> str:
 def _arrays(table: sa.Table, columns: Sequence[str]) -> str:
     """``%(name)b::type[], ...``: one array parameter per column, in order."""
     return ", ".join(f"%({name})b::{_array_type(table.c[name])}[]" for name in columns)
+
+
+def _scalars(table: sa.Table, columns: Sequence[str]) -> dict[str, str]:
+    """``%(name)s::type`` by column: one parameter for a value the whole batch shares."""
+    return {name: f"%({name})s::{_array_type(table.c[name])}" for name in columns}
 
 
 def _sql(expression: sa.ColumnElement[Any]) -> str:
@@ -74,9 +81,8 @@ def _register_sql(scored: str) -> str:
     The inserted state tells the upsert what to do with an existing image: REQUEUE_COLUMNS are set only
     where it says queued; an image the bundle already scored is marked scored and keeps its own.
     """
-    columns = ", ".join(REGISTER_COLUMNS)
-    marked = f"CASE WHEN scored THEN '{ImageStatus.scored.value}' ELSE state END"
-    inserted = ", ".join(marked if name == "state" else name for name in REGISTER_COLUMNS)
+    values = {name: f"src.{name}" for name in LISTED_COLUMNS} | _scalars(images, REGISTER_SHARED)
+    values["state"] = f"CASE WHEN scored THEN '{ImageStatus.scored.value}' ELSE {values['state']} END"
     requeue = f"excluded.state = '{ImageStatus.queued.value}'"
     updates = _set_list(
         [f"{name} = excluded.{name}" for name in LISTING_COLUMNS]
@@ -85,11 +91,11 @@ def _register_sql(scored: str) -> str:
     return f"""
 WITH src AS MATERIALIZED (
     SELECT s.*, {scored} AS scored
-    FROM unnest({_arrays(images, REGISTER_COLUMNS)}) WITH ORDINALITY AS s({columns}, ord)
+    FROM unnest({_arrays(images, LISTED_COLUMNS)}) WITH ORDINALITY AS s({", ".join(LISTED_COLUMNS)}, ord)
 ),
 upserted AS (
-    INSERT INTO images AS i ({columns})
-    SELECT {inserted}
+    INSERT INTO images AS i ({", ".join(values)})
+    SELECT {", ".join(values.values())}
     FROM src
     ON CONFLICT (uri) DO UPDATE SET
         {updates}
@@ -103,10 +109,16 @@ _RESCORE = _register_sql("false")
 
 
 def register_rows(
-    conn: Connection, rows: Sequence[dict[str, Any]], bundle_id: str, *, rescore: bool
+    conn: Connection,
+    rows: Sequence[dict[str, Any]],
+    shared: dict[str, Any],
+    bundle_id: str,
+    *,
+    rescore: bool,
 ) -> list[str]:
-    """Upsert one batch of ``db.rows.register_row`` rows (one per URI); the URIs to score, in order."""
-    params = {**_columns(rows, REGISTER_COLUMNS), "bundle_id": bundle_id}
+    """Upsert one batch of listed images (``db.rows.register_row``, one per URI, and what they share);
+    returns the URIs to score, in order."""
+    params = {**_columns(rows, LISTED_COLUMNS), **shared, "bundle_id": bundle_id}
     # Never a prepared statement: PostgreSQL could settle on a generic plan made while predictions was
     # empty, and a re-listed archive then registered at 69 rows/s (each probe a scan of all predictions).
     driver = conn.connection.driver_connection
@@ -122,17 +134,24 @@ def register_rows(
 def _write_chunk_sql() -> str:
     # Upserting the chunk's images makes every image an index lookup through the arbiter index whatever
     # the planner's statistics say (an UPDATE ... FROM join can turn into a scan of the whole table).
-    excluded = sa.table("excluded", *(sa.column(name) for name in RESULT_IMAGE_COLUMNS))
+    image_values = {name: f"src.{name}" for name in RESULT_IMAGE_COLUMNS} | _scalars(
+        images, RESULT_IMAGE_SHARED
+    )
+    excluded = sa.table("excluded", *(sa.column(name) for name in image_values))
     image_updates = result_image_updates(sa.bindparam("job_id"), excluded.c, images.alias("i"))
     prediction_values = {
         "image_id": "ids.id",
-        **{name: f"%({name})s" for name in CHUNK_COLUMNS},
+        **_scalars(predictions, PREDICTION_SHARED),
         **{name: f"scores.{name}" for name in SCORE_COLUMNS},
     }
     return f"""
-WITH images_written AS (
-    INSERT INTO images AS i ({", ".join(RESULT_IMAGE_COLUMNS)})
-    SELECT * FROM unnest({_arrays(images, RESULT_IMAGE_COLUMNS)})
+WITH src AS MATERIALIZED (
+    SELECT * FROM unnest({_arrays(images, RESULT_IMAGE_COLUMNS)}) AS s({", ".join(RESULT_IMAGE_COLUMNS)})
+),
+images_written AS (
+    INSERT INTO images AS i ({", ".join(image_values)})
+    SELECT {", ".join(image_values.values())}
+    FROM src
     ON CONFLICT (uri) DO UPDATE SET
         {_set_list(f"{name} = {_sql(value)}" for name, value in image_updates.items())}
     RETURNING i.id, i.uri
@@ -156,11 +175,12 @@ _WRITE_CHUNK = _write_chunk_sql()
 def write_chunk(
     conn: Connection,
     image_rows: Sequence[dict[str, Any]],
+    image_shared: dict[str, Any],
     scores: dict[str, dict[str, Any]],
-    chunk: dict[str, Any],
+    prediction_shared: dict[str, Any],
 ) -> None:
-    """One statement: upsert the chunk's image rows (an unknown URI is created), then the scored ones'
-    predictions (``scores`` by URI, ``chunk`` the values every prediction shares).
+    """One statement: upsert the chunk's images (an unknown URI is created), then the scored ones'
+    predictions (``scores`` by URI); each with the values the whole chunk shares.
 
     An image listed again by another job since this chunk was sent keeps that job's state; only its
     metadata is filled in.
@@ -168,9 +188,10 @@ def write_chunk(
     score_rows = list(scores.values())
     params: dict[str, Any] = {
         **_columns(image_rows, RESULT_IMAGE_COLUMNS),
+        **image_shared,
         "scored_uri": list(scores),
         **_columns(score_rows, SCORE_COLUMNS),
-        **chunk,
+        **prediction_shared,
     }
     params["thresholds"] = _json_texts(params["thresholds"])
     conn.exec_driver_sql(_WRITE_CHUNK, params)

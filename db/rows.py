@@ -33,36 +33,35 @@ class ImageRef:
     etag: str | None = None
 
 
+# Each write's columns come in two groups: values of each image (sent as rows, or PostgreSQL arrays) and
+# values shared by the whole batch (merged into each row on SQLite, single parameters on PostgreSQL).
+
+# Registering a listing.
+LISTED_COLUMNS = ("uri", "storage", "size", "mtime", "etag")
+REGISTER_SHARED = ("last_job_id", "state", "attempt_count", "failure_reason", "failure_detail", "updated_at")
 # Registering refreshes these on every listed image; it sets REQUEUE_COLUMNS only on images to score.
 LISTING_COLUMNS = ("storage", "size", "mtime", "etag", "last_job_id")
 REQUEUE_COLUMNS = ("state", "attempt_count", "failure_reason", "failure_detail", "updated_at")
-REGISTER_COLUMNS = ("uri", *LISTING_COLUMNS, *REQUEUE_COLUMNS)
-RESULT_IMAGE_COLUMNS = (
-    "uri",
-    "storage",
-    "size",
-    "state",
-    "failure_reason",
-    "failure_detail",
-    "attempt_count",
-    "last_job_id",
-    "updated_at",
-    *DICOM_COLUMNS,
-)
+
+# Storing a scored chunk: its images' rows.
+RESULT_IMAGE_COLUMNS = ("uri", "storage", "size", "state", "failure_reason", "failure_detail", *DICOM_COLUMNS)
+RESULT_IMAGE_SHARED = ("attempt_count", "last_job_id", "updated_at")
 # A result sets these only on an image its job holds (db.tables.held_by); another job's image keeps its own.
 HELD_COLUMNS = ("state", "failure_reason", "failure_detail", "updated_at")
 # What any result learnt about the file fills these in, whichever job holds the image.
 KNOWN_COLUMNS = ("size", *DICOM_COLUMNS)
-# Per image; a prediction's other columns (image, bundle, job, time, host, device) are one per chunk.
+
+# Storing a scored chunk: its predictions (the image id comes from the images' upsert).
+_NETWORK_COLUMNS = tuple((arch, f"{arch}_probability", f"{arch}_decision") for arch in ARCHITECTURES)
 SCORE_COLUMNS = (
-    *(f"{arch}_{kind}" for arch in ARCHITECTURES for kind in ("probability", "decision")),
+    *(column for _arch, *columns in _NETWORK_COLUMNS for column in columns),
     "ensemble_score",
     "ensemble_decision",
     "disagreement",
     "thresholds",
 )
-CHUNK_COLUMNS = ("bundle_id", "job_id", "scored_at", "worker_host", "device")
-PREDICTION_COLUMNS = ("image_id", *CHUNK_COLUMNS, *SCORE_COLUMNS)
+PREDICTION_SHARED = ("bundle_id", "job_id", "scored_at", "worker_host", "device")
+PREDICTION_COLUMNS = ("image_id", *PREDICTION_SHARED, *SCORE_COLUMNS)
 # A prediction is unique on its image and bundle; writing it again replaces every other column.
 PREDICTION_KEY = ("image_id", "bundle_id")
 PREDICTION_UPDATES = tuple(column for column in PREDICTION_COLUMNS if column not in PREDICTION_KEY)
@@ -72,14 +71,20 @@ def storage_kind(uri: str) -> str:
     return "s3" if uri.startswith("s3://") else "file"
 
 
-def register_row(ref: ImageRef, job_id: int, now: datetime) -> dict[str, Any]:
-    """A listed image queued for ``job_id`` afresh, keyed by REGISTER_COLUMNS."""
+def register_row(ref: ImageRef) -> dict[str, Any]:
+    """A listed image's own values, keyed by LISTED_COLUMNS."""
     return {
         "uri": ref.uri,
         "storage": ref.storage or storage_kind(ref.uri),
         "size": ref.size,
         "mtime": ref.mtime,
         "etag": ref.etag,
+    }
+
+
+def register_shared(job_id: int, now: datetime) -> dict[str, Any]:
+    """What registering sets on a batch of images, keyed by REGISTER_SHARED: queued afresh for ``job_id``."""
+    return {
         "last_job_id": job_id,
         "state": ImageStatus.queued,
         "attempt_count": 0,
@@ -89,8 +94,8 @@ def register_row(ref: ImageRef, job_id: int, now: datetime) -> dict[str, Any]:
     }
 
 
-def result_image_row(result: ImageResult, job_id: int, now: datetime) -> dict[str, Any]:
-    """The image row a scored or failed result leaves, keyed by RESULT_IMAGE_COLUMNS."""
+def result_image_row(result: ImageResult) -> dict[str, Any]:
+    """The image values a scored or failed result leaves, keyed by RESULT_IMAGE_COLUMNS."""
     scored = result.scored
     return {
         "uri": result.uri,
@@ -99,32 +104,36 @@ def result_image_row(result: ImageResult, job_id: int, now: datetime) -> dict[st
         "state": ImageStatus.scored if scored else ImageStatus.failed,
         "failure_reason": None if scored else (result.reason or "internal_error"),
         "failure_detail": None if scored else (result.detail or None),
-        "attempt_count": 0,
-        "last_job_id": job_id,
-        "updated_at": now,
         **dicom_columns(result.info),
     }
 
 
+def result_image_shared(job_id: int, now: datetime) -> dict[str, Any]:
+    """What a chunk's results set on all its images, keyed by RESULT_IMAGE_SHARED."""
+    return {"attempt_count": 0, "last_job_id": job_id, "updated_at": now}
+
+
 def score_row(result: ImageResult) -> dict[str, Any]:
-    """A scored result's per-image prediction values, keyed by SCORE_COLUMNS (absent networks as NULL)."""
+    """A scored result's prediction values, keyed by SCORE_COLUMNS (absent networks as NULL)."""
     probabilities = result.probabilities or {}
     decisions = result.decisions or {}
-    row: dict[str, Any] = {}
-    for arch in ARCHITECTURES:
-        row[f"{arch}_probability"] = as_float(probabilities.get(arch))
-        row[f"{arch}_decision"] = as_bool(decisions.get(arch))
-    row["ensemble_score"] = as_float(result.ensemble_score)
-    row["ensemble_decision"] = as_bool(result.ensemble_decision)
-    row["disagreement"] = as_float(result.disagreement)
-    row["thresholds"] = {str(k): float(v) for k, v in (result.thresholds or {}).items()}
+    thresholds = result.thresholds or {}
+    row: dict[str, Any] = {
+        "ensemble_score": as_float(result.ensemble_score),
+        "ensemble_decision": as_bool(result.ensemble_decision),
+        "disagreement": as_float(result.disagreement),
+        "thresholds": dict(zip(map(str, thresholds), map(float, thresholds.values()), strict=True)),
+    }
+    for arch, probability, decision in _NETWORK_COLUMNS:
+        row[probability] = as_float(probabilities.get(arch))
+        row[decision] = as_bool(decisions.get(arch))
     return row
 
 
-def chunk_row(
+def prediction_shared(
     *, bundle_id: str, job_id: int, now: datetime, worker_host: str | None, device: str | None
 ) -> dict[str, Any]:
-    """The prediction values every result of one chunk shares, keyed by CHUNK_COLUMNS."""
+    """What every prediction of one chunk shares, keyed by PREDICTION_SHARED."""
     return {
         "bundle_id": bundle_id,
         "job_id": job_id,

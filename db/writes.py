@@ -11,7 +11,6 @@ batched multi-row ``INSERT ... ON CONFLICT`` (the "insertmanyvalues" mode) here.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from datetime import datetime
 from functools import cache, lru_cache
 from itertools import islice
 from typing import Any, TypeVar
@@ -28,9 +27,11 @@ from db.rows import (
     PREDICTION_UPDATES,
     REQUEUE_COLUMNS,
     ImageRef,
-    chunk_row,
+    prediction_shared,
     register_row,
+    register_shared,
     result_image_row,
+    result_image_shared,
     result_image_updates,
     score_row,
 )
@@ -60,27 +61,33 @@ def register_images(
     """
     to_enqueue: list[str] = []
     for batch in _batched(refs, batch_size):
-        now = utcnow()
         # One row per URI: ON CONFLICT cannot touch the same row twice in one statement.
-        rows = {ref.uri: register_row(ref, job_id, now) for ref in batch}
+        rows = {ref.uri: register_row(ref) for ref in batch}
+        shared = register_shared(job_id, utcnow())
         with writer(engine).begin() as conn:
             if conn.dialect.name == "postgresql":
-                to_enqueue.extend(
-                    postgres.register_rows(conn, list(rows.values()), bundle_id, rescore=rescore)
+                registered = postgres.register_rows(
+                    conn, list(rows.values()), shared, bundle_id, rescore=rescore
                 )
             else:
-                to_enqueue.extend(_register_rows(conn, rows, bundle_id, rescore=rescore))
+                registered = _register_rows(conn, rows, shared, bundle_id, rescore=rescore)
+            to_enqueue.extend(registered)
     return to_enqueue
 
 
 def _register_rows(
-    conn: Connection, rows: dict[str, dict[str, Any]], bundle_id: str, *, rescore: bool
+    conn: Connection,
+    rows: dict[str, dict[str, Any]],
+    shared: dict[str, Any],
+    bundle_id: str,
+    *,
+    rescore: bool,
 ) -> list[str]:
     # Which of these already have this bundle's prediction: index lookups, so the cost does not grow with
     # the number of predictions stored (a correlated NOT EXISTS inside the upsert got hashed over all).
     scored = set() if rescore else _already_scored(conn, list(rows), bundle_id)
-    requeued = [row for uri, row in rows.items() if uri not in scored]
-    kept = [row for uri, row in rows.items() if uri in scored]
+    requeued = [{**shared, **row} for uri, row in rows.items() if uri not in scored]
+    kept = [{**shared, **row} for uri, row in rows.items() if uri in scored]
     if requeued:
         conn.execute(_register_statement(conn.dialect.name, requeue=True), requeued)
     if kept:
@@ -145,29 +152,21 @@ def write_results(
     if engine.dialect.name == "postgresql":
         # Sorted so two transactions writing overlapping chunks lock their image rows in the same order.
         by_uri = {uri: by_uri[uri] for uri in sorted(by_uri)}
-    image_rows, scores = _chunk_rows(by_uri.values(), job_id, now)
-    chunk = chunk_row(bundle_id=bundle_id, job_id=job_id, now=now, worker_host=worker_host, device=device)
+    image_rows = [result_image_row(result) for result in by_uri.values()]
+    scores = {uri: score_row(result) for uri, result in by_uri.items() if result.scored}
+    image_shared = result_image_shared(job_id, now)
+    shared = prediction_shared(
+        bundle_id=bundle_id, job_id=job_id, now=now, worker_host=worker_host, device=device
+    )
     with writer(engine).begin() as conn:
         if conn.dialect.name == "postgresql":
-            postgres.write_chunk(conn, image_rows, scores, chunk)
+            postgres.write_chunk(conn, image_rows, image_shared, scores, shared)
             return
+        image_rows = [{**image_shared, **row} for row in image_rows]
         ids = dict(conn.execute(_result_images_statement(conn.dialect.name, job_id), image_rows).all())
-        prediction_rows = [{"image_id": ids[uri], **chunk, **row} for uri, row in scores.items()]
+        prediction_rows = [{"image_id": ids[uri], **shared, **row} for uri, row in scores.items()]
         if prediction_rows:
             conn.execute(_predictions_statement(conn.dialect.name), prediction_rows)
-
-
-def _chunk_rows(
-    results: Iterable[ImageResult], job_id: int, now: datetime
-) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
-    """Every result's image row, and the scored ones' per-image prediction values by URI."""
-    image_rows: list[dict[str, Any]] = []
-    scores: dict[str, dict[str, Any]] = {}
-    for result in results:
-        image_rows.append(result_image_row(result, job_id, now))
-        if result.scored:
-            scores[result.uri] = score_row(result)
-    return image_rows, scores
 
 
 @lru_cache(maxsize=64)
