@@ -10,10 +10,10 @@ import csv
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from itertools import islice
-from typing import Any, Literal, TextIO
+from typing import Any, Literal, TextIO, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -23,6 +23,8 @@ from db.tables import images, predictions, scan_jobs, uri_batches
 from deepcovid.defaults import IN_BATCH, RATE_WINDOW_S, STREAM_BATCH
 from deepcovid.networks import ARCHITECTURES
 from deepcovid.status import ImageStatus, JobStatus
+
+R = TypeVar("R")
 
 # Columns of iter_results rows and of exports, in order, and where each comes from.
 _RESULT_COLUMNS: dict[str, sa.ColumnElement[Any]] = {
@@ -253,19 +255,7 @@ def flagged_images(engine: Engine, job_id: int, limit: int | None = None) -> lis
         )
         if limit is not None:
             stmt = stmt.limit(limit)
-        return [
-            FlaggedImage(
-                uri=row.uri,
-                ensemble_score=row.ensemble_score,
-                probabilities=_probabilities(row),
-                disagreement=row.disagreement,
-                study_uid=row.study_uid,
-                series_uid=row.series_uid,
-                sop_uid=row.sop_uid,
-                view=row.view,
-            )
-            for row in conn.execute(stmt)
-        ]
+        return [_record(FlaggedImage, row, probabilities=_probabilities(row)) for row in conn.execute(stmt)]
 
 
 def iter_results(
@@ -382,35 +372,25 @@ def image_audit(engine: Engine, uri: str) -> ImageAudit | None:
         if image is None:
             return None
         records = [
-            PredictionRecord(
-                bundle_id=row.bundle_id,
-                job_id=row.job_id,
-                scored_at=as_utc(row.scored_at),
-                worker_host=row.worker_host,
-                device=row.device,
-                ensemble_score=row.ensemble_score,
-                ensemble_decision=row.ensemble_decision,
-                probabilities=_probabilities(row),
-            )
+            _record(PredictionRecord, row, scored_at=as_utc(row.scored_at), probabilities=_probabilities(row))
             for row in conn.execute(
                 sa.select(predictions)
                 .where(predictions.c.image_id == image.id)
                 .order_by(predictions.c.scored_at.desc())
             )
         ]
-    return ImageAudit(
-        uri=image.uri,
-        storage=image.storage,
-        state=ImageStatus(image.state),
+    return _record(
+        ImageAudit,
+        image,
         attempts=image.attempt_count,
-        failure_reason=image.failure_reason,
-        failure_detail=image.failure_detail,
-        last_job_id=image.last_job_id,
         updated_at=as_utc(image.updated_at),
-        size=image.size,
-        study_uid=image.study_uid,
-        series_uid=image.series_uid,
-        sop_uid=image.sop_uid,
-        view=image.view,
         predictions=records,
     )
+
+
+def _record(cls: type[R], row: sa.Row[Any], **computed: Any) -> R:
+    """One of the dataclasses above from a row: fields named like the row's columns are copied from it,
+    ``computed`` gives the others (and overrides, e.g. timestamps made timezone-aware)."""
+    columns = row._mapping
+    copied = {f.name: columns[f.name] for f in fields(cls) if f.name in columns and f.name not in computed}
+    return cls(**copied, **computed)

@@ -8,12 +8,12 @@ SQLAlchemy expressions that SQLite runs and that PostgreSQL's hand-written state
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.sql.base import ReadOnlyColumnCollection
 
 from db.tables import held_by
 from deepcovid.decode import DICOM_COLUMNS, dicom_columns
@@ -157,7 +157,7 @@ def as_bool(value: Any) -> bool | None:
 
 
 def result_image_updates(
-    job_id: Any, new: Mapping[str, sa.ColumnElement[Any]], existing: sa.FromClause
+    job_id: Any, new: ReadOnlyColumnCollection[str, Any], existing: sa.FromClause
 ) -> dict[str, sa.ColumnElement[Any]]:
     """The SET list when a result's image row (``new``) meets the stored one (``existing``)."""
     held = held_by(job_id, existing)
