@@ -23,8 +23,10 @@ from rich.console import Console
 from rich.table import Table
 
 from db.engine import dispose_engines, make_engine
+from db.jobs import create_job
 from db.migrate import upgrade
-from db.writes import ImageRef, create_job, register_images, write_results
+from db.rows import ImageRef
+from db.writes import register_images, write_results
 from deepcovid.results import ImageResult
 
 ARCHS = ("resnet18", "resnet50", "squeezenet1_1", "densenet121")

@@ -39,12 +39,13 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import SHARED_DATA, describe, interleaved, median  # noqa: E402
 
+from deepcovid.batches import collate, normalize  # noqa: E402
 from deepcovid.bundle import Bundle, load_networks, save_bundle  # noqa: E402
 from deepcovid.devices import resolve_device  # noqa: E402
 from deepcovid.ensemble import Ensemble  # noqa: E402
 from deepcovid.networks import ARCHITECTURES, COVID_INDEX, build_network  # noqa: E402
 from deepcovid.pipeline import score_chunk  # noqa: E402
-from deepcovid.preprocess import IMAGENET_MEAN, IMAGENET_STD, collate, load_image, normalize  # noqa: E402
+from deepcovid.preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image  # noqa: E402
 from deepcovid.settings import Settings  # noqa: E402
 from deepcovid.storage import open_storage  # noqa: E402
 

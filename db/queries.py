@@ -8,25 +8,23 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from contextlib import closing
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from itertools import islice
-from typing import Any, Literal, TextIO
+from typing import Any, Literal, TextIO, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from db.models import Image, Prediction, ScanJob, as_utc, utcnow
+from db.models import as_utc, utcnow
+from db.tables import images, predictions, scan_jobs, uri_batches
+from deepcovid.defaults import IN_BATCH, RATE_WINDOW_S, STREAM_BATCH
 from deepcovid.networks import ARCHITECTURES
 from deepcovid.status import ImageStatus, JobStatus
 
-images = Image.__table__
-predictions = Prediction.__table__
-scan_jobs = ScanJob.__table__
-
-RATE_WINDOW_S = 60.0
-STREAM_BATCH = 1000
+R = TypeVar("R")
 
 # Columns of iter_results rows and of exports, in order, and where each comes from.
 _RESULT_COLUMNS: dict[str, sa.ColumnElement[Any]] = {
@@ -60,6 +58,18 @@ class UnknownJob(LookupError):
     """No scan job has this id."""
 
 
+class _StatusCount:
+    """A JobProgress attribute: how many of the job's images are in one status."""
+
+    def __init__(self, status: ImageStatus) -> None:
+        self.status = status
+
+    def __get__(self, progress: JobProgress | None, owner: type | None = None) -> Any:
+        if progress is None:  # looked up on the class (documentation tools)
+            return self
+        return progress.counts.get(self.status.value, 0)
+
+
 @dataclass
 class JobProgress:
     """Where a scan job stands: counts by image state, failures by reason, flagged, speed and ETA."""
@@ -78,21 +88,10 @@ class JobProgress:
     rate_per_s: float = 0.0  # images finished per second over the last minute
     eta_s: float | None = None  # queued / rate; None while nothing has finished recently
 
-    @property
-    def queued(self) -> int:
-        return self.counts.get(ImageStatus.queued.value, 0)
-
-    @property
-    def scored(self) -> int:
-        return self.counts.get(ImageStatus.scored.value, 0)
-
-    @property
-    def failed(self) -> int:
-        return self.counts.get(ImageStatus.failed.value, 0)
-
-    @property
-    def skipped(self) -> int:
-        return self.counts.get(ImageStatus.skipped.value, 0)
+    queued = _StatusCount(ImageStatus.queued)
+    scored = _StatusCount(ImageStatus.scored)
+    failed = _StatusCount(ImageStatus.failed)
+    skipped = _StatusCount(ImageStatus.skipped)
 
     @property
     def done(self) -> int:
@@ -256,19 +255,7 @@ def flagged_images(engine: Engine, job_id: int, limit: int | None = None) -> lis
         )
         if limit is not None:
             stmt = stmt.limit(limit)
-        return [
-            FlaggedImage(
-                uri=row.uri,
-                ensemble_score=row.ensemble_score,
-                probabilities=_probabilities(row),
-                disagreement=row.disagreement,
-                study_uid=row.study_uid,
-                series_uid=row.series_uid,
-                sop_uid=row.sop_uid,
-                view=row.view,
-            )
-            for row in conn.execute(stmt)
-        ]
+        return [_record(FlaggedImage, row, probabilities=_probabilities(row)) for row in conn.execute(stmt)]
 
 
 def iter_results(
@@ -312,23 +299,27 @@ def export_results(
     limit: int | None = None,
     batch_size: int = STREAM_BATCH,
 ) -> int:
-    """Write the job's results (the first ``limit`` rows, if given) to ``out`` as CSV (with a header) or
-    JSON lines; returns the row count."""
+    """Write the job's results to ``out`` as CSV (with a header) or JSON lines; returns the row count.
+
+    ``limit`` stops after that many rows (the CSV header is not a row).
+    """
     if fmt not in ("csv", "jsonl"):
         raise ValueError(f"unknown export format {fmt!r}: use csv or jsonl")
     count = 0
-    rows = islice(iter_results(engine, job_id, flagged_only=flagged_only, batch_size=batch_size), limit)
-    if fmt == "csv":
-        writer = csv.writer(out)
-        writer.writerow(RESULT_FIELDS)
-        for row in rows:
-            writer.writerow([_csv_value(row[name]) for name in RESULT_FIELDS])
-            count += 1
-    else:
-        for row in rows:
-            out.write(json.dumps(row, default=_json_value, separators=(",", ":")))
-            out.write("\n")
-            count += 1
+    # Closed here, not when garbage-collected: a limit stops early, and the stream holds a connection.
+    with closing(iter_results(engine, job_id, flagged_only=flagged_only, batch_size=batch_size)) as results:
+        rows = islice(results, limit)
+        if fmt == "csv":
+            writer = csv.writer(out)
+            writer.writerow(RESULT_FIELDS)
+            for row in rows:
+                writer.writerow([_csv_value(row[name]) for name in RESULT_FIELDS])
+                count += 1
+        else:
+            for row in rows:
+                out.write(json.dumps(row, default=_json_value, separators=(",", ":")))
+                out.write("\n")
+                count += 1
     return count
 
 
@@ -346,6 +337,21 @@ def _json_value(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()
     raise TypeError(f"cannot export {type(value).__name__}")
+
+
+def chunk_state(engine: Engine, job_id: int, uris: Sequence[str]) -> dict[str, tuple[bool, int]]:
+    """For each registered URI: (already finished in this job, attempt count so far)."""
+    out: dict[str, tuple[bool, int]] = {}
+    with engine.connect() as conn:
+        for listed in uri_batches(conn.dialect.name, uris, IN_BATCH):
+            rows = conn.execute(
+                sa.select(images.c.uri, images.c.state, images.c.attempt_count, images.c.last_job_id).where(
+                    listed
+                )
+            )
+            for uri, state, attempts, last_job_id in rows:
+                out[uri] = (state.finished and last_job_id == job_id, int(attempts or 0))
+    return out
 
 
 def queued_uris(engine: Engine, job_id: int) -> list[str]:
@@ -366,35 +372,25 @@ def image_audit(engine: Engine, uri: str) -> ImageAudit | None:
         if image is None:
             return None
         records = [
-            PredictionRecord(
-                bundle_id=row.bundle_id,
-                job_id=row.job_id,
-                scored_at=as_utc(row.scored_at),
-                worker_host=row.worker_host,
-                device=row.device,
-                ensemble_score=row.ensemble_score,
-                ensemble_decision=row.ensemble_decision,
-                probabilities=_probabilities(row),
-            )
+            _record(PredictionRecord, row, scored_at=as_utc(row.scored_at), probabilities=_probabilities(row))
             for row in conn.execute(
                 sa.select(predictions)
                 .where(predictions.c.image_id == image.id)
                 .order_by(predictions.c.scored_at.desc())
             )
         ]
-    return ImageAudit(
-        uri=image.uri,
-        storage=image.storage,
-        state=ImageStatus(image.state),
+    return _record(
+        ImageAudit,
+        image,
         attempts=image.attempt_count,
-        failure_reason=image.failure_reason,
-        failure_detail=image.failure_detail,
-        last_job_id=image.last_job_id,
         updated_at=as_utc(image.updated_at),
-        size=image.size,
-        study_uid=image.study_uid,
-        series_uid=image.series_uid,
-        sop_uid=image.sop_uid,
-        view=image.view,
         predictions=records,
     )
+
+
+def _record(cls: type[R], row: sa.Row[Any], **computed: Any) -> R:
+    """One of the dataclasses above from a row: fields named like the row's columns are copied from it,
+    ``computed`` gives the others (and overrides, e.g. timestamps made timezone-aware)."""
+    columns = row._mapping
+    copied = {f.name: columns[f.name] for f in fields(cls) if f.name in columns and f.name not in computed}
+    return cls(**copied, **computed)

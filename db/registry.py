@@ -13,9 +13,7 @@ from sqlalchemy.orm import Session
 
 from db.engine import writer
 from db.models import BundleRecord, utcnow
-from db.writes import dialect_insert
-
-bundles = BundleRecord.__table__
+from db.tables import bundles, dialect_insert
 
 
 class UnknownBundle(LookupError):

@@ -25,6 +25,7 @@ import numpy as np
 
 from deepcovid import defaults
 from deepcovid.networks import ARCHITECTURES, CLASSES, COVID_INDEX, build_network
+from deepcovid.preprocess import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE
 
 if TYPE_CHECKING:
     import torch
@@ -205,8 +206,6 @@ def save_bundle(
     import torch  # torch: only the functions that touch weights import it, so manifests read light
     import torchvision
     from safetensors.torch import save_file
-
-    from deepcovid.preprocess import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE  # torch: as above
 
     out = Path(out)
     architectures = list(networks)

@@ -31,26 +31,11 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from deepcovid.decoded import NEVER_CAUGHT, DecodedImage, ImageInfo, Transform, library_failure
-from deepcovid.dicomfields import DICOM_COLUMNS, DICOM_KEYWORDS, dicom_columns
 from deepcovid.errors import DecodeError, StorageError
 from deepcovid.formats import PILLOW_FORMATS, is_dicom, sniff
 from deepcovid.limits import DECODING, check_decoded_bytes, check_pixels
-from deepcovid.pixels import composite_on_black, row_bands, scale_rows_to_uint8, scale_to_uint8
+from deepcovid.pixels import composite_on_black, row_bands, scale_rows_to_uint8
 from deepcovid.settings import get_settings
-
-# The decoder's vocabulary, importable from the one module callers know.
-__all__ = [
-    "DICOM_COLUMNS",
-    "DICOM_KEYWORDS",
-    "DecodedImage",
-    "ImageInfo",
-    "Transform",
-    "decode",
-    "decode_path",
-    "dicom_columns",
-    "read_file",
-    "scale_to_uint8",
-]
 
 # Our max_pixels check runs first; Pillow's own bomb warning would only repeat it as a warning.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)

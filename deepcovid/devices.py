@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` picks CUDA when available; ``cuda``/``cuda:N`` must exist; raises ValueError otherwise."""
-    import torch
+    import torch  # torch: the pipeline imports this module for batch_size_for, and must stay light
 
     name = (name or "auto").strip().lower()
     if name == "auto":

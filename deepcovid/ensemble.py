@@ -28,12 +28,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from deepcovid.batches import normalize
 from deepcovid.bundle import POLICIES, Bundle, check_preprocessing, load_bundle, load_networks
 from deepcovid.cpu import cpu_inference_threads, cpu_streams, partition_networks
 from deepcovid.devices import resolve_device
 from deepcovid.networks import COVID_INDEX, prepare_network
 from deepcovid.precision import autocast_dtype, validated_bf16_drift
-from deepcovid.preprocess import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE, normalize
+from deepcovid.preprocess import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE
 from deepcovid.results import ENSEMBLE_KEY, ImageResult
 from deepcovid.settings import Settings, get_settings
 from deepcovid.status import ImageStatus

@@ -13,18 +13,20 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from deepcovid.devices import batch_size_for
-from deepcovid.ensemble import Ensemble
 from deepcovid.errors import ImageError, TransientError
-from deepcovid.preprocess import collate, load_image
+from deepcovid.preprocess import load_image
 from deepcovid.results import ImageResult
 from deepcovid.settings import Settings
 from deepcovid.status import ImageStatus
 from deepcovid.storage import Storage
+
+if TYPE_CHECKING:  # torch comes with the ensemble handed in: pool processes import this module fast
+    from deepcovid.ensemble import Ensemble
 
 # URIs may carry patient names in file names: they are logged at DEBUG only, counts at INFO.
 log = logging.getLogger(__name__)
@@ -87,6 +89,8 @@ def _score_batch(
     propagate: tuple[type[BaseException], ...],
 ) -> list[tuple[int, ImageResult]]:
     """Score a batch; if the batch as a whole fails, score its images one by one to isolate the cause."""
+    from deepcovid.batches import collate  # torch: pool processes import this module and must start fast
+
     try:
         batch = ensemble.score(collate([p.pixels for _, p in pending]))
     except propagate:

@@ -13,10 +13,10 @@ from typing import Literal
 import torch
 from torch import nn
 
+from deepcovid.batches import normalize
 from deepcovid.bundle import Bundle
 from deepcovid.cpu import cpu_has_native_bf16
 from deepcovid.networks import COVID_INDEX
-from deepcovid.preprocess import normalize
 from deepcovid.settings import Settings
 
 log = logging.getLogger(__name__)

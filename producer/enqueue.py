@@ -14,8 +14,9 @@ from typing import Any, TypeVar
 
 from celery import Celery
 
+from db.jobs import create_job, finish_job_if_done
 from db.schema import open_database
-from db.writes import create_job, finish_job_if_done, register_images
+from db.writes import register_images
 from deepcovid.batching import batched
 from deepcovid.defaults import REGISTER_BATCH
 from deepcovid.queue import make_celery, send_chunk

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from db.writes import ImageRef
+from db.rows import ImageRef
 from deepcovid.formats import ARCHIVE_SUFFIXES, SNIFF_BYTES, looks_like_archive_image
 from deepcovid.settings import Settings, get_settings
 from deepcovid.storage import s3_client

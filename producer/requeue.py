@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from celery import Celery
 from sqlalchemy.engine import Engine
 
+from db.jobs import requeue_failed
 from db.queries import JobProgress, UnknownJob, job_progress, queued_uris
 from db.schema import open_database
-from db.writes import requeue_failed
 from deepcovid.batching import batched
 from deepcovid.errors import REASONS, UserError
 from deepcovid.exitcodes import ExitCode

@@ -21,10 +21,11 @@ from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold, tra
 from torch.utils.data import WeightedRandomSampler
 from torchvision.transforms import v2
 
+from deepcovid.batches import collate
 from deepcovid.decode import read_file
 from deepcovid.errors import ImageError
 from deepcovid.formats import IMAGE_SUFFIXES
-from deepcovid.preprocess import collate, load_image
+from deepcovid.preprocess import load_image
 from deepcovid.settings import get_settings
 from training.args import TrainArgs
 

@@ -25,11 +25,11 @@ from torch import nn
 from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader
 
+from deepcovid.batches import normalize
 from deepcovid.bundle import Bundle, save_bundle
 from deepcovid.devices import resolve_device
 from deepcovid.networks import COVID_INDEX, build_network, freeze_backbone, head_parameters, set_train_mode
 from deepcovid.precision import BF16_CHECK_KEY
-from deepcovid.preprocess import normalize
 from deepcovid.settings import get_settings
 from training.args import TrainArgs
 from training.checkpoint import CheckpointFiles, FitState, clone_weights, resume, save_best, save_last

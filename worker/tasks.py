@@ -6,8 +6,8 @@ after its worker died, its images are scored one at a time so that a single imag
 worker (a decoder crash, an out-of-memory kill) is isolated and eventually failed as
 ``crashed_worker`` while the others get scored.
 
-Heavy imports (torch, the ensemble, the database layer) happen inside the task, after the prefork
-pool has forked, so CUDA is never initialised in the parent process.
+The ensemble (torch) is imported inside the task, after the prefork pool has forked, so CUDA is never
+initialised in the parent process.
 """
 
 from __future__ import annotations
@@ -18,29 +18,34 @@ import socket
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from botocore import exceptions as botocore_errors
+from sqlalchemy import exc as sqlalchemy_errors
+from sqlalchemy.engine import Engine
+
+from db.jobs import finish_job_if_done
+from db.queries import chunk_state
+from db.schema import DatabaseUnreachable, SchemaNotCurrent, open_database
+from db.writes import record_attempts, write_results
+from deepcovid.bundle import BundleError, find_bundle
+from deepcovid.defaults import MAX_CACHED_ENSEMBLES, MAX_RETRIES
 from deepcovid.errors import TransientError
 from deepcovid.queue import TASK_NAME
 from deepcovid.results import ImageResult
 from deepcovid.settings import Settings, get_settings
+from deepcovid.status import ImageStatus
+from deepcovid.storage import Storage, open_storage
 from worker import app
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import Engine
-
     from deepcovid.ensemble import Ensemble
-    from deepcovid.storage import Storage
 
 log = logging.getLogger(__name__)
-
-MAX_RETRIES = 20
-# Ensembles kept loaded per worker process; jobs rarely alternate between more bundles than this.
-MAX_CACHED_ENSEMBLES = 2
 
 # Per-process state, created on first use in the process that scores (after the fork).
 _pid: int | None = None
 _ensembles: dict[str, Ensemble] = {}
 _storages: dict[int, tuple[Settings, Storage]] = {}
-_schema_checked: set[str] = set()
+_databases: dict[str, Engine] = {}  # by URL: reachability and schema checked once per process
 
 
 def _reset_after_fork() -> None:
@@ -49,26 +54,20 @@ def _reset_after_fork() -> None:
         _pid = os.getpid()
         _ensembles.clear()
         _storages.clear()
-        _schema_checked.clear()
+        _databases.clear()
 
 
 def _engine_for(settings: Settings) -> Engine:
-    """The database engine (cached per URL by db.engine), its schema checked once per process."""
-    from db.engine import make_engine
-    from db.schema import ensure_schema_current
-
+    """The results database, opened (reachable, schema current) once per process and URL."""
     _reset_after_fork()
     url = settings.effective_database_url
-    engine = make_engine(url)
-    if url not in _schema_checked:
-        ensure_schema_current(engine)
-        _schema_checked.add(url)
+    engine = _databases.get(url)
+    if engine is None:
+        engine = _databases[url] = open_database(settings)
     return engine
 
 
 def _storage_for(settings: Settings) -> Storage:
-    from deepcovid.storage import open_storage
-
     _reset_after_fork()
     cached = _storages.get(id(settings))
     if cached is None or cached[0] is not settings:
@@ -84,8 +83,7 @@ def _ensemble_for(bundle_id: str, settings: Settings) -> Ensemble:
     ensemble = _ensembles.get(bundle_id)
     if ensemble is not None:
         return ensemble
-    from deepcovid.bundle import find_bundle
-    from deepcovid.ensemble import Ensemble
+    from deepcovid.ensemble import Ensemble  # torch: only after the fork, CUDA never in the parent
 
     bundle = find_bundle(bundle_id, settings.effective_bundles_dir)
     ensemble = Ensemble.from_bundle(bundle, device=settings.device, settings=settings)
@@ -98,52 +96,19 @@ def _ensemble_for(bundle_id: str, settings: Settings) -> Ensemble:
 
 def retryable_errors() -> tuple[type[BaseException], ...]:
     """Failures that are not the images' fault: the chunk is retried later with backoff."""
-    from botocore import exceptions as botocore_errors
-    from sqlalchemy import exc as sqlalchemy_errors
-
-    from db.schema import SchemaNotCurrent
-
-    kinds: list[type[BaseException]] = [
+    return (
         TransientError,
         sqlalchemy_errors.OperationalError,
         sqlalchemy_errors.DisconnectionError,
         sqlalchemy_errors.InterfaceError,
         botocore_errors.ConnectionError,
         botocore_errors.HTTPClientError,
+        DatabaseUnreachable,
         # Deployment problems an operator fixes while the chunk waits: schema not migrated, bundle
         # not installed on this worker.
         SchemaNotCurrent,
-    ]
-    try:
-        from deepcovid.bundle import BundleError
-
-        kinds.append(BundleError)
-    except ImportError:  # pragma: no cover - the bundle module is part of the core
-        pass
-    return tuple(kinds)
-
-
-def _chunk_state(engine: Engine, job_id: int, uris: Sequence[str]) -> dict[str, tuple[bool, int]]:
-    """For each known URI: (already finished in this job, attempt count so far)."""
-    import sqlalchemy as sa
-
-    from db.models import Image
-    from deepcovid.status import ImageStatus
-
-    finished_states = (ImageStatus.scored, ImageStatus.failed)
-    out: dict[str, tuple[bool, int]] = {}
-    unique = list(dict.fromkeys(uris))
-    with engine.connect() as connection:
-        for start in range(0, len(unique), 500):
-            rows = connection.execute(
-                sa.select(Image.uri, Image.state, Image.attempt_count, Image.last_job_id).where(
-                    Image.uri.in_(unique[start : start + 500])
-                )
-            )
-            for uri, state, attempts, last_job_id in rows:
-                finished = state in finished_states and last_job_id == job_id
-                out[uri] = (finished, int(attempts or 0))
-    return out
+        BundleError,
+    )
 
 
 def run_chunk(
@@ -155,12 +120,11 @@ def run_chunk(
     redelivered: bool = False,
 ) -> dict[str, Any]:
     """Score the chunk's unfinished images and record them; returns counts (no URIs) for Flower."""
-    from db.writes import finish_job_if_done, record_attempts, write_results
-    from deepcovid.pipeline import score_chunk as score_uris
+    from deepcovid.pipeline import score_chunk as score_uris  # torch: only after the fork
 
     engine = _engine_for(settings)
     storage = _storage_for(settings)
-    state = _chunk_state(engine, job_id, uris)
+    state = chunk_state(engine, job_id, uris)
     todo = [u for u in dict.fromkeys(uris) if not state.get(u, (False, 0))[0]]
     summary: dict[str, Any] = {"job_id": job_id, "images": len(uris), "skipped": len(uris) - len(todo)}
     summary.update(scored=0, failed=0, isolated=False)
@@ -176,8 +140,8 @@ def run_chunk(
         write_results(
             engine, job_id=job_id, bundle_id=bundle_id, results=results, worker_host=host, device=device
         )
-        summary["scored"] += sum(r.status == "scored" for r in results)
-        summary["failed"] += sum(r.status == "failed" for r in results)
+        summary["scored"] += sum(r.scored for r in results)
+        summary["failed"] += sum(r.status is ImageStatus.failed for r in results)
 
     # A previous delivery of this chunk died mid-way (or isolated some of these images before).
     isolate = redelivered or any(state.get(u, (False, 0))[1] >= 1 for u in todo)

@@ -9,8 +9,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from db.engine import make_engine
+from db.jobs import create_job
 from db.models import Image, Prediction
-from db.writes import ImageRef, create_job, record_attempts, register_images, write_results
+from db.rows import ImageRef
+from db.writes import record_attempts, register_images, write_results
 from deepcovid.results import ImageResult
 from deepcovid.status import ImageStatus
 

@@ -11,9 +11,11 @@ from collections.abc import Callable
 import pytest
 from sqlalchemy.engine import Engine
 
+from db.jobs import create_job, finish_job_if_done
 from db.queries import (
     RESULT_FIELDS,
     UnknownJob,
+    chunk_state,
     export_results,
     flagged_images,
     image_audit,
@@ -21,7 +23,8 @@ from db.queries import (
     job_progress,
     list_jobs,
 )
-from db.writes import ImageRef, create_job, finish_job_if_done, register_images, write_results
+from db.rows import ImageRef
+from db.writes import register_images, write_results
 from deepcovid.results import ImageResult
 from deepcovid.status import ImageStatus, JobStatus
 
@@ -141,6 +144,28 @@ def test_export_jsonl_flagged(migrated_engine: Engine, known_job: int) -> None:
     assert rows[0]["resnet18_decision"] is True and rows[0]["scored_at"].endswith("+00:00")
     with pytest.raises(ValueError):
         export_results(migrated_engine, known_job, io.StringIO(), "xml")  # type: ignore[arg-type]
+
+
+def test_export_limit_counts_rows_not_the_header(migrated_engine: Engine, known_job: int) -> None:
+    out = io.StringIO()
+    assert export_results(migrated_engine, known_job, out, "csv", limit=3) == 3
+    assert len(out.getvalue().splitlines()) == 4
+    out = io.StringIO()
+    assert export_results(migrated_engine, known_job, out, "jsonl", limit=0) == 0
+    assert out.getvalue() == ""
+
+
+def test_chunk_state(migrated_engine: Engine, known_job: int) -> None:
+    uris = ["/archive/0.png", "/archive/5.png", "/archive/8.png", "/not/registered.png", "/archive/0.png"]
+    assert chunk_state(migrated_engine, known_job, uris) == {
+        "/archive/0.png": (True, 0),
+        "/archive/5.png": (True, 0),
+        "/archive/8.png": (False, 0),
+    }
+    assert chunk_state(migrated_engine, known_job + 1, uris[:2]) == {
+        "/archive/0.png": (False, 0),
+        "/archive/5.png": (False, 0),
+    }
 
 
 def test_image_audit(migrated_engine: Engine, known_job: int) -> None:

@@ -9,18 +9,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from db.jobs import cancel_job, create_job, finish_job_if_done, mark_failed, requeue_failed
 from db.models import Image, Prediction, ScanJob
-from db.writes import (
-    ImageRef,
-    cancel_job,
-    create_job,
-    finish_job_if_done,
-    mark_failed,
-    record_attempts,
-    register_images,
-    requeue_failed,
-    write_results,
-)
+from db.rows import ImageRef
+from db.writes import record_attempts, register_images, write_results
 from deepcovid.results import ImageResult
 from deepcovid.status import ImageStatus, JobStatus
 
@@ -106,7 +98,7 @@ def test_prediction_columns(migrated_engine: Engine, make_scored: MakeScored) ->
     result = make_scored(uri, 0.75, dicom={"StudyInstanceUID": "1.2.3", "SOPInstanceUID": "1.2.3.4.5"})
     result.probabilities = {"resnet18": 0.9, "densenet121": 0.6}  # a two-network bundle
     result.decisions = {"resnet18": True, "densenet121": False}
-    result.info["view_position"] = "PA"
+    result.info.setdefault("dicom", {})["ViewPosition"] = "PA"
     write_results(
         migrated_engine, job_id=job, bundle_id="b1", results=[result], worker_host="w1", device="cuda:0"
     )

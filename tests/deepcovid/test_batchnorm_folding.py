@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+from deepcovid.batches import normalize
 from deepcovid.bundle import load_networks, save_bundle
 from deepcovid.ensemble import Ensemble
 from deepcovid.networks import COVID_INDEX, build_network, fold_batchnorm
-from deepcovid.preprocess import normalize
 
 FOLD_TOLERANCE = 1e-4
 

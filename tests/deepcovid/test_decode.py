@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deepcovid.decode import DICOM_KEYWORDS, ImageInfo, decode, decode_path
+from deepcovid.decode import decode, decode_path
+from deepcovid.decoded import ImageInfo
+from deepcovid.dicomfields import DICOM_KEYWORDS
 from deepcovid.errors import REASONS, DecodeError, StorageError
 from tests.fixtures.images import (
     PATIENT_ID,

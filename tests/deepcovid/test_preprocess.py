@@ -10,15 +10,14 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from deepcovid.batches import collate, normalize
 from deepcovid.decode import decode, decode_path
 from deepcovid.errors import DecodeError
 from deepcovid.preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     INPUT_SIZE,
-    collate,
     load_image,
-    normalize,
     resized_size,
     to_model_input,
 )

@@ -17,7 +17,9 @@ postgresql_only = pytest.mark.parametrize("database_url", ["postgresql"], indire
 
 
 def make_chunk(engine: Any, root: Path, bundle_id: str, count: int = 4) -> tuple[int, list[str]]:
-    from db.writes import ImageRef, create_job, register_images
+    from db.jobs import create_job
+    from db.rows import ImageRef
+    from db.writes import register_images
 
     root.mkdir(exist_ok=True)
     uris = []

@@ -43,7 +43,9 @@ POISON = b"CRASH-THE-WORKER"
 
 
 def register(engine: Any, bundle_id: str, uris: list[str], source: str = "test") -> int:
-    from db.writes import ImageRef, create_job, register_images
+    from db.jobs import create_job
+    from db.rows import ImageRef
+    from db.writes import register_images
 
     job_id = create_job(engine, source=source, bundle_id=bundle_id, options={})
     queued = register_images(engine, job_id, bundle_id, [ImageRef(uri=u) for u in uris])
