@@ -10,10 +10,9 @@ batched multi-row ``INSERT ... ON CONFLICT`` (the "insertmanyvalues" mode) here.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from functools import cache, lru_cache
-from itertools import islice
-from typing import Any, TypeVar
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -36,10 +35,9 @@ from db.rows import (
     score_row,
 )
 from db.tables import dialect_insert, images, predictions, uri_batches
+from deepcovid.chunking import batched
 from deepcovid.defaults import IN_BATCH, REGISTER_BATCH
 from deepcovid.results import ImageResult
-
-T = TypeVar("T")
 
 
 def register_images(
@@ -58,7 +56,7 @@ def register_images(
     go back to ``queued`` with their attempt count reset.
     """
     to_enqueue: list[str] = []
-    for batch in _batched(refs, batch_size):
+    for batch in batched(refs, batch_size):
         # One row per URI: ON CONFLICT cannot touch the same row twice in one statement.
         rows = {ref.uri: register_row(ref) for ref in batch}
         shared = register_shared(job_id, utcnow())
@@ -181,9 +179,3 @@ def _predictions_statement(dialect: str) -> Any:
     stmt = dialect_insert(dialect)(predictions)
     updated = {column: stmt.excluded[column] for column in PREDICTION_UPDATES}
     return stmt.on_conflict_do_update(index_elements=list(PREDICTION_KEY), set_=updated)
-
-
-def _batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
-    iterator = iter(items)
-    while batch := list(islice(iterator, size)):
-        yield batch

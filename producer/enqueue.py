@@ -17,7 +17,7 @@ from celery import Celery
 from db.jobs import create_job, finish_job_if_done
 from db.schema import open_database
 from db.writes import register_images
-from deepcovid.batching import batched
+from deepcovid.chunking import batched
 from deepcovid.defaults import REGISTER_BATCH
 from deepcovid.queue import make_celery, send_chunk
 from deepcovid.settings import Settings, get_settings

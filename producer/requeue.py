@@ -13,7 +13,7 @@ from sqlalchemy.engine import Engine
 from db.jobs import requeue_failed
 from db.queries import JobProgress, UnknownJob, job_progress, queued_uris
 from db.schema import open_database
-from deepcovid.batching import batched
+from deepcovid.chunking import batched
 from deepcovid.errors import REASONS, UserError
 from deepcovid.exitcodes import ExitCode
 from deepcovid.queue import make_celery, send_chunk

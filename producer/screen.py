@@ -24,8 +24,8 @@ from db.jobs import create_job, finish_job_if_done
 from db.registry import UnknownBundle, active_bundle, get_bundle, register_bundle, set_active
 from db.schema import open_database
 from db.writes import register_images, write_results
-from deepcovid.batching import batched
 from deepcovid.bundle import Bundle, BundleError, find_bundle, install_bundle, load_bundle
+from deepcovid.chunking import batched
 from deepcovid.defaults import REGISTER_BATCH, TOP_FLAGGED
 from deepcovid.ensemble import Ensemble
 from deepcovid.errors import UserError

@@ -1,4 +1,4 @@
-"""``batched``: itertools.batched (Python 3.12) for the 3.10+ this project supports.
+"""Chunking streams: ``batched`` is itertools.batched (Python 3.12) for the 3.10+ this project supports.
 
 Listing, registration and requeue stream millions of URIs through it without building a list.
 """
