@@ -27,9 +27,15 @@ def downgrade_command(
         ..., help="Target revision: an id, base, or a relative step such as -1 (write `-- -1`)."
     ),
     url: str = URL_OPTION,
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
 ) -> None:
     """Migrate the results database schema down to REVISION (base drops every table: data is lost)."""
     from db import migrate  # Alembic: kept out of CLI start-up
+
+    if not yes and not typer.confirm(
+        f"Downgrade {_describe(url)} to {revision}? Tables a migration added are dropped with their data"
+    ):
+        raise fail("not confirmed: nothing changed (pass --yes to skip the question)", ExitCode.USAGE)
 
     migrate.downgrade(url, revision)
     _report(url, migrate.current(url).current)

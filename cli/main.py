@@ -7,12 +7,14 @@ and its exit code.
 from __future__ import annotations
 
 import sys
+from importlib.metadata import version as package_version
 
 import typer
 
 from cli import core, db, jobs, scan, training, worker
-from cli.render import error, guarded
+from cli.render import error, guarded, warning
 from deepcovid.exitcodes import ExitCode, help_text
+from deepcovid.settings import unknown_variables
 
 app = typer.Typer(
     help="Deep-COVID Screen: screen chest X-ray archives for COVID-19 with a four-CNN ensemble.",
@@ -25,6 +27,28 @@ app.add_typer(bundle_app, name="bundle")
 app.add_typer(db_app, name="db")
 
 SCAN_HELP = "\n\n" + help_text(scan.EXIT_CODES)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"deepcovid-screen {package_version('deepcovid-screen')}")
+        raise typer.Exit()
+
+
+@app.callback()
+@guarded
+def startup(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Warn of DEEPCOVID_* variables no setting reads, naming the closest one. (Every command reads the
+    settings before it does any work; a bad value there is one line and exit 4, and ``--help`` never
+    reads them.)"""
+    for name, closest in unknown_variables():
+        hint = f"; did you mean {closest}?" if closest else ""
+        warning(f"{name} is not a deepcovid setting and is ignored{hint}")
+
 
 app.command("config")(guarded(core.config_command))
 app.command("inspect")(guarded(core.inspect_command))
@@ -44,6 +68,7 @@ bundle_app.command("init")(guarded(core.bundle_init_command))
 bundle_app.command("show")(guarded(core.bundle_show_command))
 bundle_app.command("register")(guarded(training.register_command))
 bundle_app.command("promote")(guarded(training.promote_command))
+bundle_app.command("list")(guarded(training.list_command))
 
 db_app.command("upgrade")(guarded(db.upgrade_command))
 db_app.command("downgrade")(guarded(db.downgrade_command))

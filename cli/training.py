@@ -13,8 +13,7 @@ from typing import Annotated, Optional
 import typer
 from rich.logging import RichHandler
 
-from cli.render import err_console, fail
-from db.schema import open_database
+from cli.render import console, err_console, fail, rows_table
 from deepcovid import defaults
 from deepcovid.bundle import BundleError, load_bundle
 from deepcovid.errors import UserError
@@ -172,6 +171,8 @@ def register_command(
     settings = get_settings()
     try:
         loaded = load_bundle(bundle)
+        from db.schema import open_database  # SQLAlchemy and Alembic: kept out of CLI start-up
+
         engine = open_database(settings)
         installed = register(engine, loaded, settings=settings)
         err_console.print(
@@ -194,7 +195,8 @@ def promote_command(
     The gate compares ensemble sensitivity at the operating threshold on the same evaluation data (same
     eval_data_id); without such a pair of evaluations it refuses unless --force.
     """
-    # torch: kept out of CLI start-up
+    # torch, SQLAlchemy: kept out of CLI start-up
+    from db.schema import open_database
     from training.registry import PromotionRefused, promote_bundle
 
     try:
@@ -204,6 +206,34 @@ def promote_command(
         raise fail(str(exc)) from None
     except UserError as exc:  # as in register_command
         raise fail(exc.message) from None
+
+
+def list_command() -> None:
+    """List the registered bundles, oldest first: which is active, how each was made and evaluated."""
+    from db.registry import list_bundles  # SQLAlchemy: kept out of CLI start-up
+    from db.schema import open_database
+
+    rows = []
+    for record in list_bundles(open_database(get_settings())):
+        provenance = (record.manifest or {}).get("provenance", {})
+        evaluation = (record.metrics or {}).get("operating", {})
+        sensitivity = evaluation.get("sensitivity")
+        rows.append(
+            (
+                record.bundle_id,
+                "active" if record.active else "",
+                str(provenance.get("kind", "trained")),
+                f"{record.registered_at:%Y-%m-%d %H:%M}",
+                "" if sensitivity is None else f"sensitivity {sensitivity}",
+                record.path,
+            )
+        )
+    if not rows:
+        err_console.print("no bundle is registered: `deepcovid bundle register BUNDLE_DIR --promote`")
+        return
+    console.print(
+        rows_table("Registered bundles", ("bundle", "", "kind", "registered", "evaluation", "path"), rows)
+    )
 
 
 def demo_data_command(

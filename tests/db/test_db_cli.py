@@ -39,7 +39,7 @@ def test_current_upgrade_downgrade(cli: typer.Typer, empty_database_url: str) ->
     result = runner.invoke(cli, ["db", "current", "--url", empty_database_url])
     assert result.exit_code == 0 and "up to date" in result.output
 
-    result = runner.invoke(cli, ["db", "downgrade", "--url", empty_database_url, "--", "-1"])
+    result = runner.invoke(cli, ["db", "downgrade", "--yes", "--url", empty_database_url, "--", "-1"])
     assert result.exit_code == 0, result.output
     assert current(empty_database_url).current == ()
 
