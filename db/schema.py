@@ -6,6 +6,10 @@ each sees the same clear error, with its exit code, when the server is down or m
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import sqlalchemy as sa
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy.engine import Engine
@@ -15,6 +19,21 @@ from db.migrate import head_revisions, known_revisions, upgrade
 from deepcovid.errors import UserError
 from deepcovid.exitcodes import ExitCode
 from deepcovid.settings import Settings, get_settings, mask_url
+
+# Alembic says which dialect it drives at INFO each time a migration context opens: noise in every
+# command's and worker's log when all that happens is a version check.
+ALEMBIC_LOGGER = "alembic.runtime.migration"
+
+
+@contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 class SchemaNotCurrent(UserError):
@@ -62,7 +81,7 @@ def ensure_schema_current(engine: Engine) -> None:
     """Raise SchemaNotCurrent unless the database is at the newest migration this code ships."""
     heads = head_revisions()
     try:
-        with engine.connect() as connection:
+        with engine.connect() as connection, _quiet(ALEMBIC_LOGGER):
             current = set(MigrationContext.configure(connection).get_current_heads())
     except sa.exc.OperationalError as exc:
         raise SchemaNotCurrent(

@@ -77,3 +77,17 @@ def test_foreign_keys_enforced(migrated_engine: sa.Engine) -> None:
 
     with pytest.raises(sa.exc.IntegrityError), migrated_engine.begin() as conn:
         conn.execute(sa.insert(Prediction.__table__).values(image_id=12345, bundle_id="b", thresholds={}))
+
+
+def test_schema_check_logs_no_alembic_info(tmp_path, caplog) -> None:
+    import logging
+
+    from db.engine import make_engine
+    from db.migrate import upgrade
+    from db.schema import ensure_schema_current
+
+    url = f"sqlite:///{tmp_path / 'quiet.db'}"
+    upgrade(url)
+    with caplog.at_level(logging.INFO):
+        ensure_schema_current(make_engine(url))
+    assert [r for r in caplog.records if r.name.startswith("alembic")] == []
