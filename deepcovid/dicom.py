@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -38,6 +39,15 @@ from deepcovid.dicomfields import DICOM_KEYWORDS
 from deepcovid.errors import DecodeError
 from deepcovid.limits import DECODING, check_decoded_bytes, check_pixels
 from deepcovid.pixels import row_bands, scale_rows_to_uint8, scale_to_uint8
+
+
+def _not_a_plugin_traceback(record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and record.exc_info)
+
+
+# pydicom logs a full traceback for each decoding plugin that fails before it raises; the image is
+# already recorded with its failure reason, so those tracebacks would only repeat it in every log.
+logging.getLogger("pydicom.pixels.decoders.base").addFilter(_not_a_plugin_traceback)
 
 PROJECTION_MODALITIES = frozenset({"CR", "DX", "DR", "RG", "OT"})
 # The (7FE0,0010) Pixel Data tag as it appears in little- and big-endian files.

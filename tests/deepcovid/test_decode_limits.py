@@ -4,6 +4,7 @@ byte budget, and the 8-bit conversion works in bands of rows, giving exactly the
 from __future__ import annotations
 
 import io
+import logging
 import threading
 import tracemalloc
 from collections.abc import Callable
@@ -264,3 +265,13 @@ def test_no_full_size_float_or_int64_copy(name: str, monkeypatch: pytest.MonkeyP
     finally:
         tracemalloc.stop()
     assert peak < bytes_per_sample * pixels.size, f"{peak / pixels.size:.2f} bytes per sample"
+
+
+def test_a_corrupt_compressed_dicom_logs_no_pydicom_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    from deepcovid.errors import DecodeError
+    from tests.fixtures.faults import broken_compressed_dicom
+
+    with caplog.at_level(logging.INFO), pytest.raises(DecodeError) as caught:
+        decode(broken_compressed_dicom())
+    assert caught.value.reason in ("corrupt", "truncated")
+    assert [r for r in caplog.records if r.name.startswith("pydicom") and r.exc_info] == []
