@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import asdict
-from datetime import datetime
+from datetime import datetime, timezone
 from enum import Enum
 from itertools import islice
 from pathlib import Path
@@ -16,7 +16,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from cli.render import console, err_console, fail, number, record_table, rows_table, save, score
 from deepcovid import defaults
-from deepcovid.exitcodes import ExitCode
+from deepcovid.exitcodes import ExitCode, help_text
+from deepcovid.settings import get_settings
 from deepcovid.status import JobStatus
 
 if TYPE_CHECKING:
@@ -31,6 +32,11 @@ class OutputFormat(str, Enum):
     jsonl = "jsonl"
 
 
+class ListFormat(str, Enum):
+    table = "table"
+    json = "json"
+
+
 def database() -> Engine:
     """The results database, reachable and migrated (a UserError says what to do otherwise)."""
     from db.schema import open_database  # SQLAlchemy and Alembic: kept out of CLI start-up
@@ -41,7 +47,7 @@ def database() -> Engine:
 def _job(engine: Engine, job_id: int) -> JobProgress:
     from producer.requeue import find_job  # SQLAlchemy and Celery: kept out of CLI start-up
 
-    return find_job(engine, job_id)
+    return find_job(engine, job_id, stall_after=get_settings().effective_stall_after)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -51,10 +57,23 @@ def _job(engine: Engine, job_id: int) -> JobProgress:
 def status_command(
     job: int = typer.Argument(..., help="Job id (from `deepcovid enqueue` or `deepcovid jobs`)."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Live progress bar until the job finishes."),
+    check: bool = typer.Option(
+        False,
+        "--check",
+        help="One line, and an exit code for cron or Nagios: "
+        + help_text((ExitCode.OK, ExitCode.FAILURES, ExitCode.STALLED)),
+    ),
 ) -> None:
-    """Show a job's progress: scored, failed and queued images, rate and ETA (from the database)."""
+    """Show a job's progress: scored, failed and queued images, rate and ETA (from the database).
+
+    A running job with queued images and no progress for DEEPCOVID_STALL_AFTER seconds is flagged stalled.
+    """
     engine = database()
     progress = _job(engine, job)
+    if check:
+        line, code = check_line(progress)
+        console.print(line, highlight=False, soft_wrap=True)
+        raise typer.Exit(int(code))
     if follow:
         follow_job(engine, job)
     else:
@@ -96,12 +115,41 @@ def follow_job(engine: Engine, job_id: int, interval: float = 1.0) -> None:
     print_progress(current)
 
 
+def check_line(progress: JobProgress) -> tuple[str, ExitCode]:
+    """``status --check``: one line and its exit code (stalled, finished with failed images, or OK)."""
+    head = f"job {progress.job_id}"
+    if progress.stalled:
+        return (
+            f"{head} stalled: {progress.queued:,} images queued, no progress for "
+            f"{_duration(_idle_s(progress))}; recover with: {_recovery(progress)}",
+            ExitCode.STALLED,
+        )
+    counts = f"{progress.scored:,} scored, {progress.failed:,} failed, {progress.queued:,} queued"
+    if progress.state is JobStatus.finished and progress.failed:
+        return f"{head} finished with failed images: {counts}", ExitCode.FAILURES
+    return f"{head} {progress.state.value}: {counts}", ExitCode.OK
+
+
+def _idle_s(progress: JobProgress) -> float | None:
+    if progress.last_progress_at is None:
+        return None
+    return (datetime.now(timezone.utc) - progress.last_progress_at).total_seconds()
+
+
+def _recovery(progress: JobProgress) -> str:
+    return f"deepcovid requeue {progress.job_id} --queued"
+
+
+def _state(progress: JobProgress) -> str:
+    return f"{progress.state.value} (stalled)" if progress.stalled else progress.state.value
+
+
 def print_progress(progress: JobProgress) -> None:
     """One job's counts as a small table."""
     rows = [
         ("source", progress.source),
         ("bundle", progress.bundle_id),
-        ("state", progress.state.value),
+        ("state", _state(progress)),
         ("total", number(progress.total)),
         ("scored", number(progress.scored)),
         ("failed", number(progress.failed)),
@@ -114,6 +162,10 @@ def print_progress(progress: JobProgress) -> None:
     if progress.state is JobStatus.running:
         rows.append(("rate", f"{progress.rate_per_s:,.1f} images/s"))
         rows.append(("ETA", _duration(progress.eta_s)))
+        rows.append(("last progress", _when(progress.last_progress_at)))
+    if progress.stalled:
+        rows.append(("stalled", f"no progress for {_duration(_idle_s(progress))}"))
+        rows.append(("recover", _recovery(progress)))
     rows.append(("created", _when(progress.created_at)))
     if progress.finished_at is not None:
         rows.append(("finished", _when(progress.finished_at)))
@@ -145,10 +197,15 @@ def _when(value: datetime | None) -> str:
 
 def jobs_command(
     limit: int = typer.Option(defaults.JOBS_LISTED, "--limit", min=1, help="How many recent jobs."),
+    fmt: ListFormat = typer.Option(ListFormat.table, "--format", help="table (terminal) or json."),
 ) -> None:
-    """List recent jobs, newest first, with their counts."""
+    """List recent jobs, newest first, with their counts; a stalled job shows as ``running (stalled)``."""
     from db.queries import list_jobs  # SQLAlchemy: kept out of CLI start-up
 
+    jobs = list_jobs(database(), limit=limit, stall_after=get_settings().effective_stall_after)
+    if fmt is ListFormat.json:
+        console.print_json(data=[_job_record(job) for job in jobs], default=str)
+        return
     columns = (
         "job",
         "state",
@@ -164,15 +221,34 @@ def jobs_command(
     rows = [
         (
             str(job.job_id),
-            job.state.value,
+            _state(job),
             job.bundle_id,
             job.source,
             *(number(n) for n in (job.total, job.scored, job.failed, job.queued, job.flagged)),
             f"{job.created_at:%Y-%m-%d %H:%M}",
         )
-        for job in list_jobs(database(), limit=limit)
+        for job in jobs
     ]
     console.print(rows_table(None, columns, rows))
+
+
+def _job_record(job: JobProgress) -> dict[str, object]:
+    """One job of ``jobs --format json``."""
+    return {
+        "job": job.job_id,
+        "state": job.state.value,
+        "stalled": job.stalled,
+        "bundle": job.bundle_id,
+        "source": job.source,
+        "total": job.total,
+        "scored": job.scored,
+        "failed": job.failed,
+        "queued": job.queued,
+        "flagged": job.flagged,
+        "created_at": job.created_at.isoformat(),
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+        "last_progress_at": job.last_progress_at.isoformat() if job.last_progress_at else None,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -245,7 +321,7 @@ def _results_table(engine: Engine, job: int, *, flagged: bool, limit: int, out: 
 
 
 def requeue_command(
-    job: int = typer.Argument(..., help="Job id."),
+    job: Optional[int] = typer.Argument(None, help="Job id (not with --stalled)."),
     failed: bool = typer.Option(False, "--failed", help="Re-queue the job's failed images."),
     queued: bool = typer.Option(
         False,
@@ -253,12 +329,32 @@ def requeue_command(
         help="Re-send images still queued (a job stuck after a broker crash or exhausted retries). "
         "Safe: results are written once per image and bundle.",
     ),
+    stalled: bool = typer.Option(
+        False,
+        "--stalled",
+        help="Re-send the queued images of every stalled job (no JOB; fit for cron). "
+        "Re-sending restarts a job's stall window, so a job is not re-sent twice within it.",
+    ),
     reason: Optional[str] = typer.Option(None, "--reason", help="Only images that failed with this reason."),
     chunk_size: Optional[int] = typer.Option(None, "--chunk-size", min=1, help="Images per task message."),
 ) -> None:
     """Send a job's failed (or stuck queued) images back to the workers, e.g. after fixing storage."""
-    from producer.requeue import requeue  # SQLAlchemy and Celery: kept out of CLI start-up
+    from producer.requeue import requeue, requeue_stalled  # SQLAlchemy and Celery: kept out of CLI start-up
 
+    if stalled:
+        if job is not None or failed or queued or reason:
+            raise fail("--stalled takes no JOB, --failed, --queued or --reason", ExitCode.USAGE)
+        summaries = requeue_stalled(chunk_size=chunk_size)
+        if not summaries:
+            console.print("no stalled jobs", highlight=False)
+        for done in summaries:
+            console.print(
+                f"Job {done.job_id}: re-queued {done.images:,} queued images in {done.chunks} chunks.",
+                highlight=False,
+            )
+        return
+    if job is None:
+        raise fail("say which job: deepcovid requeue JOB --failed/--queued (or --stalled)", ExitCode.USAGE)
     if not (failed or queued):
         raise fail("say what to requeue: --failed and/or --queued", ExitCode.USAGE)
     summary = requeue(job, failed=failed, queued=queued, reason=reason, chunk_size=chunk_size)

@@ -61,8 +61,9 @@ def enqueue_command(
     include: Optional[str] = typer.Option(
         None,
         "--include",
-        help=f"Extensions to list ({DEFAULT_INCLUDE} by default); add `sniff` to also keep files whose "
-        "first bytes are PNG/JPEG/DICOM (extension-less DICOM archives); `all` lists every file.",
+        help=f"Extensions to list ({DEFAULT_INCLUDE} by default, plus files without an extension whose "
+        "first bytes are PNG/JPEG/DICOM); add `sniff` to also keep any file whose first bytes are one of "
+        "them; `all` lists every file. What is left out is counted by extension in the summary.",
     ),
     rescore: bool = typer.Option(False, "--rescore", help="Score again images the bundle already scored."),
     bundle: Optional[str] = typer.Option(
@@ -72,6 +73,7 @@ def enqueue_command(
 ) -> None:
     """Queue every image of SOURCE for scoring by the workers, as one job. Re-running resumes."""
     from producer.enqueue import enqueue  # SQLAlchemy and Celery: kept out of CLI start-up
+    from producer.listing import describe_not_listed
 
     progress = Progress(
         SpinnerColumn(),
@@ -106,6 +108,8 @@ def enqueue_command(
         warning(f"skipped unreadable directory {path}")
     if len(summary.unreadable) > UNREADABLE_SHOWN:
         warning(f"... and {len(summary.unreadable) - UNREADABLE_SHOWN} more unreadable directories")
+    if summary.not_listed:
+        console.print(describe_not_listed(summary.not_listed), highlight=False)
     if summary.queued == 0:
         what = "no images found" if summary.listed == 0 else f"all {summary.listed:,} images already scored"
         console.print(
@@ -136,7 +140,10 @@ def screen_command(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per forward pass."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
     include: Optional[str] = typer.Option(
-        None, "--include", help="Extensions to list, plus `sniff` for extension-less files, or `all`."
+        None,
+        "--include",
+        help="Extensions to list (by default the archive formats, plus extension-less files that are "
+        "images), `sniff` to keep any file that is an image, or `all`.",
     ),
     rescore: bool = typer.Option(False, "--rescore", help="Score again images the bundle already scored."),
     limit: Optional[int] = typer.Option(
@@ -215,6 +222,10 @@ def print_screen_summary(summary: ScreenSummary) -> None:
         f"flagged COVID-positive {summary.flagged:,}",
         highlight=False,
     )
+    if summary.not_listed:
+        from producer.listing import describe_not_listed  # already imported by screen; kept off start-up
+
+        console.print(f"  {describe_not_listed(summary.not_listed)}", highlight=False)
     if summary.failed:
         rows = [(reason, number(count)) for reason, count in summary.failed.most_common()]
         console.print(rows_table("Failures", ("reason", "images"), rows))

@@ -81,6 +81,19 @@ def requeue_failed(engine: Engine, job_id: int, reason: str | None = None) -> li
     return [uri for _id, uri in rows]
 
 
+def resend_queued(engine: Engine, job_id: int) -> list[str]:
+    """The job's still-queued images, in listing order, stamped as just re-sent: re-sending is progress,
+    so the stall window starts again and a reaper run does not send them twice in a row."""
+    with writer(engine).begin() as conn:
+        rows = conn.execute(
+            sa.update(images)
+            .where(images.c.last_job_id == job_id, images.c.state == ImageStatus.queued)
+            .values(updated_at=utcnow())
+            .returning(images.c.id, images.c.uri)
+        ).all()
+    return [uri for _id, uri in sorted(rows)]
+
+
 def mark_failed(engine: Engine, job_id: int, uris: Sequence[str], reason: str, detail: str = "") -> list[str]:
     """Fail a job's still-queued images (e.g. ``crashed_worker``); returns the URIs it changed."""
     if reason not in REASONS:

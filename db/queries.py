@@ -87,6 +87,8 @@ class JobProgress:
     flagged: int = 0
     rate_per_s: float = 0.0  # images finished per second over the last minute
     eta_s: float | None = None  # queued / rate; None while nothing has finished recently
+    last_progress_at: datetime | None = None  # the newest change to one of its images, else its creation
+    stalled: bool = False  # running, images queued, and no progress for longer than the stall window
 
     queued = _StatusCount(ImageStatus.queued)
     scored = _StatusCount(ImageStatus.scored)
@@ -146,25 +148,33 @@ class ImageAudit:
     predictions: list[PredictionRecord]
 
 
-def job_progress(engine: Engine, job_id: int) -> JobProgress:
-    """Progress of one job; raises UnknownJob."""
+def job_progress(engine: Engine, job_id: int, *, stall_after: float | None = None) -> JobProgress:
+    """Progress of one job; raises UnknownJob. ``stall_after`` (seconds) enables ``stalled``."""
     with engine.connect() as conn:
         job = conn.execute(sa.select(scan_jobs).where(scan_jobs.c.id == job_id)).one_or_none()
         if job is None:
             raise UnknownJob(f"no scan job {job_id}")
-        return _progress(conn, job)
+        return _progress(conn, job, stall_after)
 
 
-def list_jobs(engine: Engine, limit: int | None = None) -> list[JobProgress]:
-    """Every job's progress, newest first."""
+def list_jobs(
+    engine: Engine,
+    limit: int | None = None,
+    *,
+    stall_after: float | None = None,
+    running_only: bool = False,
+) -> list[JobProgress]:
+    """Every job's progress (or the running ones'), newest first."""
     with engine.connect() as conn:
         stmt = sa.select(scan_jobs).order_by(scan_jobs.c.id.desc())
+        if running_only:
+            stmt = stmt.where(scan_jobs.c.state == JobStatus.running)
         if limit is not None:
             stmt = stmt.limit(limit)
-        return [_progress(conn, job) for job in conn.execute(stmt).all()]
+        return [_progress(conn, job, stall_after) for job in conn.execute(stmt).all()]
 
 
-def _progress(conn: Connection, job: sa.Row[Any]) -> JobProgress:
+def _progress(conn: Connection, job: sa.Row[Any], stall_after: float | None = None) -> JobProgress:
     progress = JobProgress(
         job_id=job.id,
         source=job.source,
@@ -217,6 +227,14 @@ def _progress(conn: Connection, job: sa.Row[Any]) -> JobProgress:
         progress.eta_s = progress.queued / progress.rate_per_s
     elif not progress.queued:
         progress.eta_s = 0.0
+    newest = conn.execute(sa.select(sa.func.max(images.c.updated_at)).where(of_job)).scalar()
+    progress.last_progress_at = max(progress.created_at, as_utc(newest) or progress.created_at)
+    progress.stalled = (
+        stall_after is not None
+        and progress.state is JobStatus.running
+        and progress.queued > 0
+        and (now - progress.last_progress_at).total_seconds() > stall_after
+    )
     return progress
 
 
@@ -352,17 +370,6 @@ def chunk_state(engine: Engine, job_id: int, uris: Sequence[str]) -> dict[str, t
             for uri, state, attempts, last_job_id in rows:
                 out[uri] = (state.finished and last_job_id == job_id, int(attempts or 0))
     return out
-
-
-def queued_uris(engine: Engine, job_id: int) -> list[str]:
-    """The job's images still waiting for a result, in listing order (to re-send a stuck job)."""
-    with engine.connect() as conn:
-        stmt = (
-            sa.select(images.c.uri)
-            .where(images.c.last_job_id == job_id, images.c.state == ImageStatus.queued)
-            .order_by(images.c.id)
-        )
-        return list(conn.execute(stmt).scalars())
 
 
 def image_audit(engine: Engine, uri: str) -> ImageAudit | None:

@@ -31,6 +31,10 @@ TASK_SOFT_TIME_LIMIT = 1800
 TASK_TIME_LIMIT = 2100
 """Seconds after which a prefork pool process running a chunk is killed."""
 
+STALL_MARGIN_S = 300
+"""Seconds past the hard time limit before a job whose queued images stopped moving is called stalled:
+room for a chunk to be redelivered and started after its worker was killed."""
+
 VISIBILITY_TIMEOUT = 7200
 """Seconds before Redis redelivers an unacknowledged chunk: well above the hard time limit."""
 

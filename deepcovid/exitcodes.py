@@ -22,6 +22,7 @@ class ExitCode(IntEnum):
     NO_BUNDLE = 16
     OUTSIDE_STORAGE_ROOTS = 17
     S3_UNREACHABLE = 18
+    STALLED = 20
     INTERRUPTED = 130
 
     @property
@@ -31,7 +32,8 @@ class ExitCode(IntEnum):
 
 _MEANINGS: dict[ExitCode, str] = {
     ExitCode.OK: "success (for `inspect`: every file decoded; for `enqueue`: queued, or nothing to do)",
-    ExitCode.FAILURES: "some files failed (`inspect`), a refused promotion, a bundle or training error",
+    ExitCode.FAILURES: "some files failed (`inspect`), a job finished with failed images (`status --check`), "
+    "a refused promotion, a bundle or training error",
     ExitCode.USAGE: "usage error (bad option, missing path for `inspect`)",
     ExitCode.SCHEMA_NOT_CURRENT: "database schema not current: run `deepcovid db upgrade`",
     ExitCode.BAD_SETTING: "a setting (a DEEPCOVID_* variable or .env) has a value that is not allowed",
@@ -44,6 +46,7 @@ _MEANINGS: dict[ExitCode, str] = {
     ExitCode.NO_BUNDLE: "no bundle to score with (register and promote one)",
     ExitCode.OUTSIDE_STORAGE_ROOTS: "source outside the storage roots (or none configured)",
     ExitCode.S3_UNREACHABLE: "S3 endpoint unreachable",
+    ExitCode.STALLED: "`status --check`: the job is stalled; recover with `deepcovid requeue JOB --queued`",
     ExitCode.INTERRUPTED: "interrupted; what was done is kept, run the same command again to resume",
 }
 

@@ -84,6 +84,8 @@ class Settings(BaseSettings):
     task_time_limit: int = defaults.TASK_TIME_LIMIT
     visibility_timeout: int = defaults.VISIBILITY_TIMEOUT
     retry_backoff_max: int = defaults.RETRY_BACKOFF_MAX
+    # Seconds without progress before a running job with queued images is stalled; 0: derived (see below)
+    stall_after: int = Field(default=0, ge=0)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -120,6 +122,12 @@ class Settings(BaseSettings):
         if self.database_url is not None and self.database_url.get_secret_value():
             return self.database_url.get_secret_value()
         return f"sqlite:///{self.data_dir / 'deepcovid.db'}"
+
+    @property
+    def effective_stall_after(self) -> int:
+        """The stall window: no chunk runs longer than the hard time limit, so past it plus a margin
+        nothing is still working on the job."""
+        return self.stall_after or self.task_time_limit + defaults.STALL_MARGIN_S
 
     @property
     def effective_bundles_dir(self) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -36,6 +37,7 @@ class EnqueueSummary:
     chunks: int = 0
     bundle_id: str = ""
     unreadable: list[str] = field(default_factory=list)  # subdirectories the walk could not read
+    not_listed: Counter[str] = field(default_factory=Counter)  # files left out, by extension
 
 
 T = TypeVar("T")
@@ -119,7 +121,9 @@ def enqueue(
         summary.unreadable.append(path)
 
     pending: list[str] = []
-    refs = list_source(canonical, include, settings=settings, on_error=unreadable)
+    refs = list_source(
+        canonical, include, settings=settings, on_error=unreadable, not_listed=summary.not_listed
+    )
     for batch in prefetch(batched(refs, REGISTER_BATCH)):
         summary.listed += len(batch)
         pending.extend(register_images(engine, job_id, bundle_id, batch, rescore=rescore))

@@ -1,13 +1,15 @@
 """List the images of an archive (a local directory or an S3 prefix) as a stream of ``ImageRef``.
 
 Archives hold millions of files, so nothing here builds a list: the local walk keeps one directory's
-entries at a time and S3 is read page by page.
+entries at a time and S3 is read page by page. Every regular, non-hidden file is accounted for: what is
+not listed is counted by extension in ``not_listed``, for the command to report.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -29,6 +31,9 @@ class Include:
     extensions: frozenset[str] = frozenset(ARCHIVE_SUFFIXES)
     sniff: bool = False  # files whose extension is not listed are kept when their first bytes are an image
     everything: bool = False  # every non-hidden file (failures are then recorded per file)
+    # Files without an extension are kept when their first bytes are an image: PACS exports name DICOMs
+    # ``IM000001``. On by default; an explicit --include lists only what it names (add ``sniff``).
+    sniff_extensionless: bool = True
 
     def describe(self) -> str:
         if self.everything:
@@ -36,6 +41,8 @@ class Include:
         parts = sorted(e.lstrip(".") for e in self.extensions)
         if self.sniff:
             parts.append("sniff")
+        elif self.sniff_extensionless:
+            parts.append("sniff-extensionless")
         return ",".join(parts)
 
 
@@ -50,11 +57,25 @@ def parse_include(spec: str | None) -> Include:
     extensions = frozenset("." + w.lstrip(".") for w in words if w != "sniff")
     if not extensions:
         extensions = frozenset(ARCHIVE_SUFFIXES)
-    return Include(extensions=extensions, sniff=sniff)
+    return Include(extensions=extensions, sniff=sniff, sniff_extensionless=sniff)
+
+
+def describe_not_listed(not_listed: Counter[str]) -> str:
+    """``skipped 3 files: .gif 1, .tif 2 — see --include`` (empty when nothing was left out)."""
+    total = sum(not_listed.values())
+    if not total:
+        return ""
+    parts = [f"{ext} {count:,}" for ext, count in sorted(not_listed.items()) if ext]
+    if not_listed.get(""):
+        parts.append(f"no extension {not_listed['']:,}")
+    noun = "file" if total == 1 else "files"
+    return f"skipped {total:,} {noun}: {', '.join(parts)} — see --include"
 
 
 def _extension(name: str) -> str:
-    return os.path.splitext(name)[1].lower()
+    """The lower-case extension (``.tif``), or "" for none (a leading dot does not start one)."""
+    dot = name.rfind(".")
+    return name[dot:].lower() if dot > 0 else ""
 
 
 def _entry_name(entry: os.DirEntry[str]) -> str:
@@ -65,11 +86,11 @@ def _hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _included(name: str, include: Include, sniff: Callable[[], bool]) -> bool:
+def _included(extension: str, include: Include, sniff: Callable[[], bool]) -> bool:
     """Listed extension, or (when sniffing) image content; ``sniff`` reads the file only if needed."""
-    if include.everything or _extension(name) in include.extensions:
+    if include.everything or extension in include.extensions:
         return True
-    return include.sniff and sniff()
+    return (include.sniff or (include.sniff_extensionless and not extension)) and sniff()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -89,15 +110,18 @@ def walk_local(
     include: Include | None = None,
     *,
     on_error: Callable[[str, OSError], None] | None = None,
+    not_listed: Counter[str] | None = None,
 ) -> Iterator[ImageRef]:
     """Yield the images under ``root`` depth first, sorted by name within each directory.
 
     Hidden files and directories are skipped; symlinked directories are not followed (no cycles, no
     escaping the archive), symlinked files are yielded and left to the storage roots to accept or refuse.
-    A subdirectory that cannot be read is reported to ``on_error`` and skipped.
+    A subdirectory that cannot be read is reported to ``on_error`` and skipped. Files left out are
+    counted by extension in ``not_listed``.
     """
     include = include or Include()
-    extensions, everything, sniff = include.extensions, include.everything, include.sniff
+    extensions, everything = include.extensions, include.everything
+    skipped = not_listed if not_listed is not None else Counter()
     utc = timezone.utc
     stack: list[str] = [os.fspath(root)]
     while stack:  # this loop runs once per file of the archive: kept lean on purpose
@@ -124,9 +148,11 @@ def walk_local(
                     continue
                 if not everything:
                     dot = name.rfind(".")
-                    if (dot <= 0 or name[dot:].lower() not in extensions) and not (
-                        sniff and _sniff_file(entry.path)
+                    extension = name[dot:].lower() if dot > 0 else ""
+                    if extension not in extensions and not _included(
+                        extension, include, lambda path=entry.path: _sniff_file(path)
                     ):
+                        skipped[extension] += 1
                         continue
                 st = entry.stat()
             except OSError as exc:
@@ -164,13 +190,15 @@ def walk_s3(
     client: Any = None,
     settings: Settings | None = None,
     page_size: int = 1000,
+    not_listed: Counter[str] | None = None,
 ) -> Iterator[ImageRef]:
     """Yield the images under ``s3://bucket/prefix`` one listing page at a time (S3 returns keys sorted).
 
     Keys with a hidden path component below the prefix and folder markers are skipped. Sniffing costs one
-    ranged GET per object whose extension is not listed.
+    ranged GET per object sniffed. Keys left out are counted by extension in ``not_listed``.
     """
     include = include or Include()
+    skipped = not_listed if not_listed is not None else Counter()
     if client is None:
         client = s3_client(settings or get_settings())
     prefix = s3_prefix(prefix)
@@ -183,8 +211,9 @@ def walk_s3(
                 continue
             if any(_hidden(part) for part in relative.split("/")):
                 continue
-            name = relative.rsplit("/", 1)[-1]
-            if not _included(name, include, lambda key=key: _sniff_s3(client, bucket, key)):
+            extension = _extension(relative.rsplit("/", 1)[-1])
+            if not _included(extension, include, lambda key=key: _sniff_s3(client, bucket, key)):
+                skipped[extension] += 1
                 continue
             yield ImageRef(
                 uri=f"s3://{bucket}/{key}",
@@ -209,9 +238,10 @@ def list_source(
     *,
     settings: Settings | None = None,
     on_error: Callable[[str, OSError], None] | None = None,
+    not_listed: Counter[str] | None = None,
 ) -> Iterator[ImageRef]:
     """Stream the images of ``source``: an ``s3://bucket/prefix`` URI or a local directory."""
     if source.startswith("s3://"):
         bucket, prefix = parse_s3_source(source)
-        return walk_s3(bucket, prefix, include, settings=settings)
-    return walk_local(Path(source), include, on_error=on_error)
+        return walk_s3(bucket, prefix, include, settings=settings, not_listed=not_listed)
+    return walk_local(Path(source), include, on_error=on_error, not_listed=not_listed)

@@ -1,4 +1,5 @@
-"""Sending a job's images back to the workers: its failures (after fixing storage) or its stuck queue.
+"""Sending a job's images back to the workers: its failures (after fixing storage), its stuck queue, or
+the queues of every stalled job (the reaper, ``requeue --stalled``, fit for cron).
 
 Safe to repeat: results are written once per image and bundle, so an image sent twice is scored once.
 """
@@ -10,8 +11,8 @@ from dataclasses import dataclass
 from celery import Celery
 from sqlalchemy.engine import Engine
 
-from db.jobs import requeue_failed
-from db.queries import JobProgress, UnknownJob, job_progress, queued_uris
+from db.jobs import requeue_failed, resend_queued
+from db.queries import JobProgress, UnknownJob, job_progress, list_jobs
 from db.schema import open_database
 from deepcovid.chunking import batched
 from deepcovid.errors import REASONS, UserError
@@ -30,10 +31,10 @@ class RequeueSummary:
     chunks: int
 
 
-def find_job(engine: Engine, job_id: int) -> JobProgress:
+def find_job(engine: Engine, job_id: int, *, stall_after: float | None = None) -> JobProgress:
     """The job's progress, or a UserError pointing at the command that lists jobs."""
     try:
-        return job_progress(engine, job_id)
+        return job_progress(engine, job_id, stall_after=stall_after)
     except UnknownJob:
         raise UserError(ExitCode.FAILURES, f"no job {job_id} (see `deepcovid jobs`)") from None
 
@@ -57,11 +58,34 @@ def requeue(
     job = find_job(engine, job_id)
     app = app or make_celery(settings)
     check_broker(app)
-    uris = queued_uris(engine, job_id) if queued else []
+    uris = resend_queued(engine, job_id) if queued else []
     if failed:
         uris += requeue_failed(engine, job_id, reason=reason)
+    return _send(app, job, uris, chunk_size or settings.chunk_size)
+
+
+def requeue_stalled(
+    *, chunk_size: int | None = None, settings: Settings | None = None, app: Celery | None = None
+) -> list[RequeueSummary]:
+    """Re-send the queued images of every stalled job (see ``Settings.effective_stall_after``)."""
+    settings = settings or get_settings()
+    engine = open_database(settings)
+    app = app or make_celery(settings)
+    check_broker(app)
+    stalled = [
+        job
+        for job in list_jobs(engine, stall_after=settings.effective_stall_after, running_only=True)
+        if job.stalled
+    ]
+    return [
+        _send(app, job, resend_queued(engine, job.job_id), chunk_size or settings.chunk_size)
+        for job in reversed(stalled)  # oldest first
+    ]
+
+
+def _send(app: Celery, job: JobProgress, uris: list[str], chunk_size: int) -> RequeueSummary:
     chunks = 0
-    for chunk in batched(uris, chunk_size or settings.chunk_size):
-        send_chunk(app, job_id, job.bundle_id, chunk)
+    for chunk in batched(uris, chunk_size):
+        send_chunk(app, job.job_id, job.bundle_id, chunk)
         chunks += 1
-    return RequeueSummary(job_id=job_id, images=len(uris), chunks=chunks)
+    return RequeueSummary(job_id=job.job_id, images=len(uris), chunks=chunks)

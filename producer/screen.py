@@ -61,6 +61,7 @@ class ScreenSummary:
     interrupted: bool = False
     promoted: bool = False  # the --bundle given became the active bundle (there was none)
     unreadable: list[str] = field(default_factory=list)
+    not_listed: Counter[str] = field(default_factory=Counter)  # files left out, by extension
 
     @property
     def done(self) -> int:
@@ -186,7 +187,9 @@ def screen(
         summary.unreadable.append(path)
 
     with tempfile.TemporaryFile("w+", encoding="utf-8") as spool:
-        refs = list_source(canonical, include, settings=settings, on_error=unreadable)
+        refs = list_source(
+            canonical, include, settings=settings, on_error=unreadable, not_listed=summary.not_listed
+        )
         if limit:
             refs = islice(refs, limit)
         for batch in batched(refs, REGISTER_BATCH):

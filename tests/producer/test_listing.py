@@ -67,7 +67,12 @@ def test_include_by_extension_sniff_and_all(tmp_path: Path) -> None:
     touch(tmp_path / "series" / "README", b"just text, long enough " * 10)
     touch(tmp_path / "x.png", b"corrupt but listed: the worker records it as failed")
 
-    assert names(walk_local(tmp_path)) == [str(tmp_path / "x.png")]
+    # By default files without an extension are sniffed (PACS exports); README is text, so left out.
+    assert names(walk_local(tmp_path)) == [
+        str(tmp_path / "x.png"),
+        str(tmp_path / "series/IM0001"),
+        str(tmp_path / "series/IM0002"),
+    ]
     sniffed = names(walk_local(tmp_path, parse_include("sniff")))
     assert sniffed == [
         str(tmp_path / "x.png"),
