@@ -279,7 +279,8 @@ def flagged_images(engine: Engine, job_id: int, limit: int | None = None) -> lis
 def iter_results(
     engine: Engine, job_id: int, flagged_only: bool = False, *, batch_size: int = STREAM_BATCH
 ) -> Iterator[dict[str, Any]]:
-    """Every image of the job (scored, failed, queued, skipped) as a dict keyed by RESULT_FIELDS.
+    """Every image of the job (scored, failed, queued, skipped) as a dict keyed by RESULT_FIELDS, in
+    registration order; ``flagged_only``: the flagged images, highest ensemble score first.
 
     Streams: rows come from a server-side cursor ``batch_size`` at a time, so memory does not grow
     with the job. Keep the iterator short-lived: it holds a connection until exhausted or closed.
@@ -294,10 +295,13 @@ def iter_results(
             sa.select(*(column.label(name) for name, column in _RESULT_COLUMNS.items()))
             .select_from(joined)
             .where(images.c.last_job_id == job_id)
-            .order_by(images.c.id)
         )
-        if flagged_only:
-            stmt = stmt.where(images.c.state == ImageStatus.scored, predictions.c.ensemble_decision.is_(True))
+        if flagged_only:  # the most suspicious first: the order a reviewer works in
+            stmt = stmt.where(
+                images.c.state == ImageStatus.scored, predictions.c.ensemble_decision.is_(True)
+            ).order_by(predictions.c.ensemble_score.desc(), images.c.id)
+        else:
+            stmt = stmt.order_by(images.c.id)
         result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(stmt)
         for row in result:
             out = dict(zip(RESULT_FIELDS, row, strict=True))

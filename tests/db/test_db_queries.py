@@ -216,3 +216,17 @@ def test_export_memory_does_not_grow_with_rows(migrated_engine: Engine, make_sco
     assert (small_count, large_count) == (600, 6_000)
     # Ten times the rows; a buffered export would take roughly ten times the memory (~2 MB here).
     assert large_peak < 1.5 * small_peak + 128 * 1024, (small_peak, large_peak)
+
+
+def test_flagged_results_come_highest_score_first(migrated_engine: Engine, make_scored: MakeScored) -> None:
+    job = create_job(migrated_engine, source="/archive", bundle_id="b1")
+    uris = register_images(migrated_engine, job, "b1", [ImageRef(f"/archive/f{i}.png") for i in range(5)])
+    scores = [0.7, 0.95, 0.2, 0.8, 0.99]
+    results = [make_scored(uri, score) for uri, score in zip(uris, scores, strict=True)]
+    write_results(migrated_engine, job_id=job, bundle_id="b1", results=results, worker_host="h", device="cpu")
+    flagged = [row["ensemble_score"] for row in iter_results(migrated_engine, job, flagged_only=True)]
+    assert flagged == sorted((s for s in scores if s >= 0.5), reverse=True)
+    out = io.StringIO()
+    export_results(migrated_engine, job, out, fmt="csv", flagged_only=True)
+    exported = [float(row["ensemble_score"]) for row in csv.DictReader(io.StringIO(out.getvalue()))]
+    assert exported == flagged
