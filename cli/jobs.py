@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cli.render import console, err_console, fail, number, record_table, rows_table, save, score
+from cli.render import check_output, console, err_console, fail, number, record_table, rows_table, save, score
 from deepcovid import defaults
 from deepcovid.exitcodes import ExitCode, help_text
 from deepcovid.settings import get_settings
@@ -270,6 +270,7 @@ def results_command(
     """Show or export a job's results; csv and jsonl stream, so a job of any size can be exported."""
     from db.queries import export_results  # SQLAlchemy: kept out of CLI start-up
 
+    check_output(out)
     engine = database()
     _job(engine, job)
     if fmt is OutputFormat.table:

@@ -97,3 +97,12 @@ def save(table: Table, path: Path) -> None:
     """Write a table to a file, wide enough that rows are not wrapped as a terminal would."""
     with open(path, "w", encoding="utf-8") as fh:
         Console(file=fh, width=200).print(table)
+
+
+def check_output(path: Path | None, option: str = "--out") -> None:
+    """Refuse, in one line, an output file whose folder does not exist (before any work is done)."""
+    if path is not None and not path.parent.is_dir():
+        raise fail(
+            f"{option} {path}: the folder {path.parent} does not exist; create it or choose another",
+            ExitCode.USAGE,
+        )

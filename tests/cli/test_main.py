@@ -68,3 +68,11 @@ def test_bundle_list(tiny_bundle_path: Path) -> None:
     listed = runner.invoke(app, ["bundle", "list"], env={"COLUMNS": "250"})
     bundle_id = load_bundle(tiny_bundle_path).bundle_id
     assert listed.exit_code == 0 and bundle_id in listed.stdout and "active" in listed.stdout
+
+
+def test_out_into_a_missing_folder_is_one_line(tmp_path: Path) -> None:
+    assert runner.invoke(app, ["db", "upgrade"]).exit_code == 0
+    target = tmp_path / "no-such-folder" / "results.csv"
+    result = runner.invoke(app, ["results", "1", "--format", "csv", "--out", str(target)])
+    assert result.exit_code == 2, result.output
+    assert "does not exist" in result.stderr and "Traceback" not in result.output
