@@ -1,8 +1,9 @@
 """Engines for the results database, tuned so several processes can write at once.
 
-SQLite (the default, a file in ``data_dir``) runs in WAL mode with a busy timeout and foreign keys on every
-connection; write transactions start with ``BEGIN IMMEDIATE`` so two writers queue on the lock instead
-of deadlocking on a read-to-write upgrade. PostgreSQL goes through psycopg 3.
+SQLite (the default, a file in ``data_dir``, created 0600 in a 0700 directory) runs in WAL mode with a
+busy timeout and foreign keys on every connection; write transactions start with ``BEGIN IMMEDIATE`` so
+two writers queue on the lock instead of deadlocking on a read-to-write upgrade. PostgreSQL goes through
+psycopg 3.
 
 Every engine keeps URIs (patient data) out of its errors, which end up in worker logs and Flower: bound
 parameters are hidden, and a server error keeps only its first line (PostgreSQL's DETAIL and CONTEXT
@@ -21,6 +22,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine, make_url
 
 from deepcovid.defaults import SQLITE_BUSY_TIMEOUT_S
+from deepcovid.private import make_private_dir, make_private_file
 from deepcovid.settings import get_settings
 
 # Execution option that marks a transaction as a writer (``BEGIN IMMEDIATE`` on SQLite).
@@ -96,7 +98,10 @@ def _first_line_only(context: sa.engine.ExceptionContext) -> None:
 def _create_sqlite_engine(url: URL) -> Engine:
     database = url.database or ""
     if database and database != ":memory:" and not database.startswith("file:"):
-        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        # Before SQLite creates it: its -wal and -shm files then take the same 0600 mode.
+        path = Path(database).expanduser()
+        make_private_dir(path.parent)
+        make_private_file(path)
     engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}, hide_parameters=True)
 
     @event.listens_for(engine, "connect")
