@@ -1,8 +1,13 @@
 """Engines for the results database, tuned so several processes can write at once.
 
-SQLite (the default, a file in ``data_dir``) runs in WAL mode with a busy timeout and foreign keys on every
-connection; write transactions start with ``BEGIN IMMEDIATE`` so two writers queue on the lock instead
-of deadlocking on a read-to-write upgrade. PostgreSQL goes through psycopg 3.
+SQLite (the default, a file in ``data_dir``, created 0600 in a 0700 directory) runs in WAL mode with a
+busy timeout and foreign keys on every connection; write transactions start with ``BEGIN IMMEDIATE`` so
+two writers queue on the lock instead of deadlocking on a read-to-write upgrade. PostgreSQL goes through
+psycopg 3.
+
+Every engine keeps URIs (patient data) out of its errors, which end up in worker logs and Flower: bound
+parameters are hidden, and a server error keeps only its first line (PostgreSQL's DETAIL and CONTEXT
+lines quote the offending row, e.g. ``Key (uri)=(/archive/DOE^JOHN/...) already exists``).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine, make_url
 
 from deepcovid.defaults import SQLITE_BUSY_TIMEOUT_S
+from deepcovid.private import make_private_dir, make_private_file
 from deepcovid.settings import get_settings
 
 # Execution option that marks a transaction as a writer (``BEGIN IMMEDIATE`` on SQLite).
@@ -65,18 +71,38 @@ def dispose_engines() -> None:
 
 def _create_engine(url: URL) -> Engine:
     if url.get_backend_name() == "sqlite":
-        return _create_sqlite_engine(url)
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
-    if url.get_backend_name() == "postgresql":
-        kwargs["connect_args"] = {"application_name": "deepcovid"}
-    return sa.create_engine(url, **kwargs)
+        engine = _create_sqlite_engine(url)
+    else:
+        kwargs: dict[str, Any] = {"pool_pre_ping": True, "hide_parameters": True}
+        if url.get_backend_name() == "postgresql":
+            kwargs["connect_args"] = {"application_name": "deepcovid"}
+        engine = sa.create_engine(url, **kwargs)
+    event.listen(engine, "handle_error", _first_line_only)
+    return engine
+
+
+def _first_line_only(context: sa.engine.ExceptionContext) -> None:
+    """Cut the driver's message to its first line, in the driver's exception and SQLAlchemy's alike."""
+    original = context.original_exception
+    text = str(original)
+    first = text.splitlines()[0] if text else ""
+    if first == text:
+        return
+    original.args = (first,)
+    wrapped = context.sqlalchemy_exception
+    if wrapped is not None:
+        # SQLAlchemy built its message from the driver's: "(module.Class) <driver message>".
+        wrapped.args = (f"({type(original).__module__}.{type(original).__name__}) {first}",)
 
 
 def _create_sqlite_engine(url: URL) -> Engine:
     database = url.database or ""
     if database and database != ":memory:" and not database.startswith("file:"):
-        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+        # Before SQLite creates it: its -wal and -shm files then take the same 0600 mode.
+        path = Path(database).expanduser()
+        make_private_dir(path.parent)
+        make_private_file(path)
+    engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}, hide_parameters=True)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:

@@ -18,6 +18,7 @@ from db.engine import describe, make_engine
 from db.migrate import head_revisions, known_revisions, upgrade
 from deepcovid.errors import UserError
 from deepcovid.exitcodes import ExitCode
+from deepcovid.private import make_private_dir
 from deepcovid.settings import Settings, get_settings, mask_url
 
 # Alembic says which dialect it drives at INFO each time a migration context opens: noise in every
@@ -63,7 +64,7 @@ def open_database(
     embedded = url is None and not (settings.database_url and settings.database_url.get_secret_value())
     url = url or settings.effective_database_url
     if create and embedded:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(settings.data_dir)
     engine = make_engine(url)
     try:
         with engine.connect() as conn:

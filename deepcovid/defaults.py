@@ -49,6 +49,10 @@ CPU_BATCH_SIZE = 16
 CUDA_BATCH_SIZE = 64
 """Images per forward pass on CUDA: a GPU needs larger batches to stay busy."""
 
+DECODE_WINDOW_BATCHES = 4
+"""Batches' worth of images a chunk decodes ahead of scoring (plus one per decode thread): enough to keep
+inference fed, and what bounds a chunk's memory whatever its length."""
+
 BF16_TOLERANCE = 0.01
 """Largest |bf16 - fp32| COVID probability on validation images that lets CPU workers use bf16."""
 

@@ -11,12 +11,13 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from deepcovid.defaults import DECODE_WINDOW_BATCHES
 from deepcovid.devices import batch_size_for
 from deepcovid.errors import ImageError, TransientError
 from deepcovid.preprocess import load_image
@@ -139,13 +140,21 @@ def score_chunk(
     batch_size = batch_size_for(settings, ensemble.device)
     threads = max(1, min(settings.decode_threads, len(uris)))
 
+    # Decoding runs at most this many images ahead of scoring: a chunk's memory does not grow with its
+    # length, and a preprocessed image is dropped as soon as its batch is scored.
+    window = batch_size * DECODE_WINDOW_BATCHES + threads
     pool = ThreadPoolExecutor(threads, thread_name_prefix="deepcovid-decode")
     try:
-        futures: list[Future[Any]] = [
-            pool.submit(_prepare, storage, uri, settings, propagate) for uri in uris
-        ]
+        in_flight: dict[Future[Any], int] = {}
+        next_uri = 0
         pending: list[tuple[int, _Prepared]] = []
         finished_since_report = 0
+
+        def submit_up_to_window() -> None:
+            nonlocal next_uri
+            while next_uri < len(uris) and len(in_flight) + len(pending) < window:
+                in_flight[pool.submit(_prepare, storage, uris[next_uri], settings, propagate)] = next_uri
+                next_uri += 1
 
         def flush() -> None:
             nonlocal pending, finished_since_report
@@ -158,19 +167,22 @@ def score_chunk(
                 on_batch(finished_since_report)
             finished_since_report = 0
 
-        index = {future: i for i, future in enumerate(futures)}
-        # Batches are formed in completion order: one slow image (a large JPEG 2000 DICOM) does not
-        # hold back the images decoded after it.
-        for future in as_completed(futures):
-            i = index[future]
-            outcome = future.result()
-            if isinstance(outcome, ImageResult):
-                results[i] = outcome
-                finished_since_report += 1
-                continue
-            pending.append((i, outcome))
-            if len(pending) >= batch_size:
-                flush()
+        submit_up_to_window()
+        while in_flight:
+            # Batches are formed in completion order: one slow image (a large JPEG 2000 DICOM) does not
+            # hold back the images decoded after it.
+            completed, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            for future in completed:
+                i = in_flight.pop(future)
+                outcome = future.result()
+                if isinstance(outcome, ImageResult):
+                    results[i] = outcome
+                    finished_since_report += 1
+                    continue
+                pending.append((i, outcome))
+                if len(pending) >= batch_size:
+                    flush()
+            submit_up_to_window()
         flush()
     finally:
         # On an exception the queued reads are dropped instead of finishing the whole chunk.

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from celery import Celery
+from celery import Celery, Task
 from kombu import Queue
 
 from deepcovid.settings import Settings, get_settings
@@ -19,6 +19,12 @@ if TYPE_CHECKING:
 TASK_NAME = "deepcovid.score_chunk"
 
 
+class ChunkTask(Task):
+    """The app's task class: its requests show ``<N URIs>``, never the URIs (celery inspect, Flower)."""
+
+    Request = "deepcovid.taskview:SafeRequest"
+
+
 def make_celery(settings: Settings | None = None) -> Celery:
     """A Celery app configured for at-least-once chunk delivery with JSON messages only.
 
@@ -27,7 +33,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
     """
     settings = settings or get_settings()
 
-    app = Celery("deepcovid")
+    app = Celery("deepcovid", task_cls=ChunkTask)
     app.conf.update(
         broker_url=settings.broker_url.get_secret_value(),
         broker_connection_retry_on_startup=True,
@@ -68,7 +74,10 @@ def send_chunk(app: Celery, job_id: int, bundle_id: str, uris: Iterable[str]) ->
         kwargs={"job_id": int(job_id), "bundle_id": str(bundle_id), "uris": uri_list},
         # What logs and Flower show instead of the arguments: URIs may hold patient names.
         argsrepr="()",
-        kwargsrepr=repr(
-            {"job_id": int(job_id), "bundle_id": str(bundle_id), "uris": f"<{len(uri_list)} URIs>"}
-        ),
+        kwargsrepr=chunk_kwargsrepr(int(job_id), str(bundle_id), len(uri_list)),
     )
+
+
+def chunk_kwargsrepr(job_id: int, bundle_id: str, count: int) -> str:
+    """A chunk's arguments as logs, Flower and ``celery inspect`` show them: the URIs only counted."""
+    return repr({"job_id": job_id, "bundle_id": bundle_id, "uris": f"<{count} URIs>"})
