@@ -111,10 +111,9 @@ def enqueue_command(
     if summary.not_listed:
         console.print(describe_not_listed(summary.not_listed), highlight=False)
     if summary.queued == 0:
-        what = "no images found" if summary.listed == 0 else f"all {summary.listed:,} images already scored"
         console.print(
-            f"Nothing to do: {what} with bundle {summary.bundle_id} (job {summary.job_id})."
-            + (" Use --rescore to score them again." if summary.listed else ""),
+            f"Nothing to do: all {summary.listed:,} images already scored with bundle {summary.bundle_id} "
+            f"(job {summary.job_id}). Use --rescore to score them again.",
             highlight=False,
         )
         return

@@ -22,6 +22,7 @@ class ExitCode(IntEnum):
     NO_BUNDLE = 16
     OUTSIDE_STORAGE_ROOTS = 17
     S3_UNREACHABLE = 18
+    NO_IMAGES = 19
     STALLED = 20
     INTERRUPTED = 130
 
@@ -46,6 +47,7 @@ _MEANINGS: dict[ExitCode, str] = {
     ExitCode.NO_BUNDLE: "no bundle to score with (register and promote one)",
     ExitCode.OUTSIDE_STORAGE_ROOTS: "source outside the storage roots (or none configured)",
     ExitCode.S3_UNREACHABLE: "S3 endpoint unreachable",
+    ExitCode.NO_IMAGES: "`enqueue`/`screen`: the source holds no image to list (no job is created)",
     ExitCode.STALLED: "`status --check`: the job is stalled; recover with `deepcovid requeue JOB --queued`",
     ExitCode.INTERRUPTED: "interrupted; what was done is kept, run the same command again to resume",
 }

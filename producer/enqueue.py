@@ -22,7 +22,7 @@ from deepcovid.chunking import batched
 from deepcovid.defaults import REGISTER_BATCH
 from deepcovid.queue import make_celery, send_chunk
 from deepcovid.settings import Settings, get_settings
-from producer.listing import Include, list_source, parse_include
+from producer.listing import Include, first_batch, list_source, parse_include
 from producer.preflight import check_broker, check_source, resolve_bundle_id
 
 
@@ -113,9 +113,7 @@ def enqueue(
     app = app or make_celery(settings)
     check_broker(app)
 
-    options = {"chunk_size": chunk_size, "include": include.describe(), "rescore": rescore}
-    job_id = create_job(engine, source=canonical, bundle_id=bundle_id, options=options)
-    summary = EnqueueSummary(job_id=job_id, bundle_id=bundle_id)
+    summary = EnqueueSummary(job_id=0, bundle_id=bundle_id)
 
     def unreadable(path: str, exc: OSError) -> None:
         summary.unreadable.append(path)
@@ -124,7 +122,10 @@ def enqueue(
     refs = list_source(
         canonical, include, settings=settings, on_error=unreadable, not_listed=summary.not_listed
     )
-    for batch in prefetch(batched(refs, REGISTER_BATCH)):
+    batches = first_batch(prefetch(batched(refs, REGISTER_BATCH)), source, summary.not_listed)
+    options = {"chunk_size": chunk_size, "include": include.describe(), "rescore": rescore}
+    job_id = summary.job_id = create_job(engine, source=canonical, bundle_id=bundle_id, options=options)
+    for batch in batches:
         summary.listed += len(batch)
         pending.extend(register_images(engine, job_id, bundle_id, batch, rescore=rescore))
         while len(pending) >= chunk_size:

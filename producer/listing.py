@@ -7,6 +7,7 @@ not listed is counted by extension in ``not_listed``, for the command to report.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections import Counter
@@ -14,12 +15,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from db.rows import ImageRef
+from deepcovid.errors import UserError
+from deepcovid.exitcodes import ExitCode
 from deepcovid.formats import ARCHIVE_SUFFIXES, SNIFF_BYTES, looks_like_archive_image
 from deepcovid.settings import Settings, get_settings
 from deepcovid.storage import s3_client
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +63,18 @@ def parse_include(spec: str | None) -> Include:
     if not extensions:
         extensions = frozenset(ARCHIVE_SUFFIXES)
     return Include(extensions=extensions, sniff=sniff, sniff_extensionless=sniff)
+
+
+def first_batch(batches: Iterator[list[T]], source: str, not_listed: Counter[str]) -> Iterator[list[T]]:
+    """``batches`` again once one is known to exist; a source with no image is refused before any job
+    is made for it, saying what the listing left out."""
+    first = next(batches, None)
+    if first is None:
+        skipped = describe_not_listed(not_listed)
+        raise UserError(
+            ExitCode.NO_IMAGES, f"no images found in {source}" + (f" ({skipped})" if skipped else "")
+        )
+    return itertools.chain([first], batches)
 
 
 def describe_not_listed(not_listed: Counter[str]) -> str:

@@ -34,7 +34,7 @@ from deepcovid.pipeline import score_chunk
 from deepcovid.results import ImageResult
 from deepcovid.settings import Settings, get_settings
 from deepcovid.storage import open_storage
-from producer.listing import Include, list_source, parse_include
+from producer.listing import Include, first_batch, list_source, parse_include
 from producer.preflight import NO_BUNDLE_HELP, check_source
 
 SCREEN_NO_BUNDLE_HELP = (
@@ -175,9 +175,8 @@ def screen(
     options = {"include": include.describe(), "rescore": rescore, "embedded": True}
     if limit:
         options["limit"] = limit
-    job_id = create_job(engine, source=canonical, bundle_id=bundle_id, options=options)
     summary = ScreenSummary(
-        job_id=job_id,
+        job_id=0,
         bundle_id=bundle_id,
         database_url=settings.effective_database_url,
         promoted=promoted,
@@ -192,7 +191,9 @@ def screen(
         )
         if limit:
             refs = islice(refs, limit)
-        for batch in batched(refs, REGISTER_BATCH):
+        batches = first_batch(batched(refs, REGISTER_BATCH), source, summary.not_listed)
+        job_id = summary.job_id = create_job(engine, source=canonical, bundle_id=bundle_id, options=options)
+        for batch in batches:
             summary.listed += len(batch)
             uris = register_images(engine, job_id, bundle_id, batch, rescore=rescore)
             summary.to_score += len(uris)

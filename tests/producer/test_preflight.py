@@ -127,7 +127,7 @@ def test_broker_unreachable(run_cli, producer_env, archive: Path, migrated_sqlit
         assert conn.execute(sa.text("SELECT count(*) FROM scan_jobs")).scalar() == 0
 
 
-def test_empty_source_is_nothing_to_do(
+def test_empty_source_is_refused_without_a_job(
     run_cli, producer_env, tmp_path: Path, migrated_sqlite, redis_url: str
 ) -> None:
     import uuid
@@ -147,11 +147,11 @@ def test_empty_source_is_nothing_to_do(
     queue = f"test-empty-{uuid.uuid4().hex[:8]}"
     producer_env(storage_roots=empty, database_url=url, broker_url=redis_url, queue=queue)
     result = run_cli("enqueue", empty)
-    assert result.exit_code == 0, result.output
-    assert "Nothing to do: no images found" in flat(result.stdout)
+    assert result.exit_code == 19, result.output
+    assert "no images found" in flat(result.stderr) and "skipped 1 file: .txt 1" in flat(result.stderr)
     assert redis.Redis.from_url(redis_url).llen(queue) == 0
     with make_engine(url).connect() as conn:
-        assert conn.execute(sa.text("SELECT state FROM scan_jobs")).scalar() == "finished"
+        assert conn.execute(sa.text("SELECT count(*) FROM scan_jobs")).scalar() == 0
 
 
 def test_prefetch_propagates_errors_and_stops_early() -> None:

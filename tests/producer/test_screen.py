@@ -168,6 +168,18 @@ def test_screen_missing_source(run_cli, producer_env, tmp_path: Path) -> None:
     assert result.exit_code == 10
 
 
+def test_screen_of_an_empty_archive_creates_no_job(
+    run_cli, producer_env, tiny_bundle_path: Path, tmp_path: Path
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    result = run_cli("screen", empty, "--bundle", tiny_bundle_path)
+    assert result.exit_code == 19, result.output
+    assert "no images found" in flat(result.stderr) and "Traceback" not in result.output
+    assert "Job " not in result.stdout
+
+
 def test_interrupted_screen_keeps_what_was_scored_and_resumes(
     producer_env, xray_archive: Path, tiny_bundle_path: Path, tmp_path: Path
 ) -> None:
