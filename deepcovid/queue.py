@@ -42,6 +42,9 @@ def make_celery(settings: Settings | None = None) -> Celery:
         # At-least-once: ack after the results are committed; a killed worker's chunk is redelivered.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
+        # A chunk killed at the hard time limit goes back to the queue (and is then scored one image at
+        # a time) instead of being acknowledged with its images still queued.
+        task_acks_on_timeout=False,
         worker_prefetch_multiplier=1,
         worker_cancel_long_running_tasks_on_connection_loss=True,
         # Redis redelivers an unacknowledged message after this long: keep it far above a chunk's runtime.
@@ -60,15 +63,21 @@ def make_celery(settings: Settings | None = None) -> Celery:
     return app
 
 
+def chunk_reprs(job_id: object, bundle_id: object, uris: object) -> dict[str, str]:
+    """What logs, Flower and events show instead of a chunk's arguments: URIs may hold patient names.
+
+    Every send of a chunk (first send, retry, re-chunking) passes these as ``argsrepr``/``kwargsrepr``.
+    """
+    count = len(uris) if isinstance(uris, list | tuple) else "?"
+    shown = {"job_id": str(job_id)[:40], "bundle_id": str(bundle_id)[:80], "uris": f"<{count} URIs>"}
+    return {"argsrepr": "()", "kwargsrepr": repr(shown)}
+
+
 def send_chunk(app: Celery, job_id: int, bundle_id: str, uris: Iterable[str]) -> AsyncResult:
     """Enqueue one chunk of URIs for scoring by name (the producer never imports the task)."""
     uri_list = [str(u) for u in uris]
     return app.send_task(
         TASK_NAME,
         kwargs={"job_id": int(job_id), "bundle_id": str(bundle_id), "uris": uri_list},
-        # What logs and Flower show instead of the arguments: URIs may hold patient names.
-        argsrepr="()",
-        kwargsrepr=repr(
-            {"job_id": int(job_id), "bundle_id": str(bundle_id), "uris": f"<{len(uri_list)} URIs>"}
-        ),
+        **chunk_reprs(job_id, bundle_id, uri_list),
     )
