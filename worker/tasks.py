@@ -209,6 +209,7 @@ def run_chunk(
             _score_isolated(
                 chunk,
                 todo,
+                redelivered,
                 lambda uris: score_uris(
                     uris, storage=storage, ensemble=ensemble, settings=settings, on_results=chunk.write
                 ),
@@ -226,7 +227,12 @@ def run_chunk(
     return chunk.summary
 
 
-def _score_isolated(chunk: _Chunk, todo: list[str], score: Any) -> None:
+def _score_isolated(chunk: _Chunk, todo: list[str], redelivered: bool, score: Any) -> None:
+    """Score one image at a time, counting each attempt first.
+
+    Only a redelivery (its worker died) fails an image out of attempts as ``crashed_worker`` here; a chunk
+    re-sent by ``_give_back`` scores its images and lets the give-back decide with the right reason.
+    """
     chunk.summary["isolated"] = True
     job_id = chunk.message.job_id
     log.warning(
@@ -240,7 +246,7 @@ def _score_isolated(chunk: _Chunk, todo: list[str], score: Any) -> None:
         # Counted before scoring, so an image that kills the worker accumulates attempts.
         attempts = record_attempts(chunk.engine, [uri]).get(uri, 0)
         chunk.counted.add(uri)
-        if attempts >= max_attempts:
+        if redelivered and attempts >= max_attempts:
             log.error(
                 "job %d: an image killed its worker %d times; failing it as crashed_worker", job_id, attempts
             )
