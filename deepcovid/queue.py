@@ -69,7 +69,8 @@ def chunk_reprs(job_id: object, bundle_id: object, uris: object) -> dict[str, st
     Every send of a chunk (first send, retry, re-chunking) passes these as ``argsrepr``/``kwargsrepr``.
     """
     count = len(uris) if isinstance(uris, list | tuple) else "?"
-    shown = {"job_id": str(job_id)[:40], "bundle_id": str(bundle_id)[:80], "uris": f"<{count} URIs>"}
+    job = job_id if isinstance(job_id, int) else str(job_id)[:40]
+    shown = {"job_id": job, "bundle_id": str(bundle_id)[:80], "uris": f"<{count} URIs>"}
     return {"argsrepr": "()", "kwargsrepr": repr(shown)}
 
 
