@@ -20,7 +20,11 @@ MAX_ATTEMPTS = 3
 """Deliveries of an image whose chunk killed its worker before it fails as ``crashed_worker``."""
 
 MAX_RETRIES = 20
-"""Retries of a chunk on transient errors (database, S3, broker) before Celery gives up on it."""
+"""Retries of a chunk on transient errors (database, S3) after which each further retry is logged as an
+error; the chunk keeps waiting (at the longest backoff) rather than being dropped."""
+
+MAX_CHUNK_URIS = 4 * CHUNK_SIZE
+"""URIs one task message may carry; a larger message is rejected unread (it did not come from enqueue)."""
 
 RETRY_BACKOFF_MAX = 300
 """Seconds: the longest wait between two retries of a chunk (the backoff doubles up to this)."""

@@ -24,6 +24,8 @@ REASONS: dict[str, str] = {
     "outside_storage_root": "the path resolves outside the configured storage roots",
     "crashed_worker": "scoring this image killed its worker process repeatedly",
     "internal_error": "an unexpected error while scoring this image",
+    "timed_out": "its chunk reached the task time limit on every attempt, even when re-sent smaller",
+    "bundle_unusable": "the job's bundle could not be loaded on the worker (missing or fails verification)",
 }
 
 

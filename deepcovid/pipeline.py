@@ -125,12 +125,14 @@ def score_chunk(
     ensemble: Ensemble,
     settings: Settings,
     on_batch: Callable[[int], None] | None = None,
+    on_results: Callable[[list[ImageResult]], None] | None = None,
 ) -> list[ImageResult]:
     """One ImageResult per URI, in the order given.
 
     ``on_batch(n)`` is called after each batch with the number of images finished (scored or
-    failed) since the previous call, for progress bars. TransientError propagates (the caller retries
-    the chunk); every other per-image problem becomes a failed result.
+    failed) since the previous call, for progress bars; ``on_results`` gets those results themselves,
+    so a worker can commit them before a time limit stops the chunk. TransientError propagates (the
+    caller retries the chunk); every other per-image problem becomes a failed result.
     """
     uris = list(uris)
     results: list[ImageResult | None] = [None] * len(uris)
@@ -148,7 +150,7 @@ def score_chunk(
         in_flight: dict[Future[Any], int] = {}
         next_uri = 0
         pending: list[tuple[int, _Prepared]] = []
-        finished_since_report = 0
+        finished_since_report: list[int] = []
 
         def submit_up_to_window() -> None:
             nonlocal next_uri
@@ -161,11 +163,14 @@ def score_chunk(
             if pending:
                 for i, result in _score_batch(uris, pending, ensemble, propagate):
                     results[i] = result
-                finished_since_report += len(pending)
+                finished_since_report.extend(i for i, _ in pending)
                 pending = []
-            if on_batch is not None and finished_since_report:
-                on_batch(finished_since_report)
-            finished_since_report = 0
+            if finished_since_report:
+                if on_results is not None:
+                    on_results([results[i] for i in finished_since_report])  # type: ignore[misc]
+                if on_batch is not None:
+                    on_batch(len(finished_since_report))
+            finished_since_report = []
 
         submit_up_to_window()
         while in_flight:
@@ -177,7 +182,7 @@ def score_chunk(
                 outcome = future.result()
                 if isinstance(outcome, ImageResult):
                     results[i] = outcome
-                    finished_since_report += 1
+                    finished_since_report.append(i)
                     continue
                 pending.append((i, outcome))
                 if len(pending) >= batch_size:

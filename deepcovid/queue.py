@@ -48,6 +48,9 @@ def make_celery(settings: Settings | None = None) -> Celery:
         # At-least-once: ack after the results are committed; a killed worker's chunk is redelivered.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
+        # A chunk killed at the hard time limit goes back to the queue (and is then scored one image at
+        # a time) instead of being acknowledged with its images still queued.
+        task_acks_on_timeout=False,
         worker_prefetch_multiplier=1,
         worker_cancel_long_running_tasks_on_connection_loss=True,
         # Redis redelivers an unacknowledged message after this long: keep it far above a chunk's runtime.
@@ -66,18 +69,22 @@ def make_celery(settings: Settings | None = None) -> Celery:
     return app
 
 
+def chunk_reprs(job_id: object, bundle_id: object, uris: object) -> dict[str, str]:
+    """What logs, Flower and events show instead of a chunk's arguments: URIs may hold patient names.
+
+    Every send of a chunk (first send, retry, re-chunking) passes these as ``argsrepr``/``kwargsrepr``.
+    """
+    count = len(uris) if isinstance(uris, list | tuple) else "?"
+    job = job_id if isinstance(job_id, int) else str(job_id)[:40]
+    shown = {"job_id": job, "bundle_id": str(bundle_id)[:80], "uris": f"<{count} URIs>"}
+    return {"argsrepr": "()", "kwargsrepr": repr(shown)}
+
+
 def send_chunk(app: Celery, job_id: int, bundle_id: str, uris: Iterable[str]) -> AsyncResult:
     """Enqueue one chunk of URIs for scoring by name (the producer never imports the task)."""
     uri_list = [str(u) for u in uris]
     return app.send_task(
         TASK_NAME,
         kwargs={"job_id": int(job_id), "bundle_id": str(bundle_id), "uris": uri_list},
-        # What logs and Flower show instead of the arguments: URIs may hold patient names.
-        argsrepr="()",
-        kwargsrepr=chunk_kwargsrepr(int(job_id), str(bundle_id), len(uri_list)),
+        **chunk_reprs(job_id, bundle_id, uri_list),
     )
-
-
-def chunk_kwargsrepr(job_id: int, bundle_id: str, count: int) -> str:
-    """A chunk's arguments as logs, Flower and ``celery inspect`` show them: the URIs only counted."""
-    return repr({"job_id": job_id, "bundle_id": bundle_id, "uris": f"<{count} URIs>"})

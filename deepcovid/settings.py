@@ -79,7 +79,10 @@ class Settings(BaseSettings):
     bundles_dir: Path | None = None
 
     # Delivery
-    max_attempts: int = defaults.MAX_ATTEMPTS  # deliveries before an image that kills workers fails
+    max_attempts: int = (
+        defaults.MAX_ATTEMPTS
+    )  # unfinished deliveries (crash, time limit, error) before failing
+    max_chunk_uris: int = defaults.MAX_CHUNK_URIS  # a task message with more URIs is rejected
     task_soft_time_limit: int = defaults.TASK_SOFT_TIME_LIMIT
     task_time_limit: int = defaults.TASK_TIME_LIMIT
     visibility_timeout: int = defaults.VISIBILITY_TIMEOUT

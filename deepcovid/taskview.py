@@ -13,7 +13,7 @@ from typing import Any
 
 from celery.worker.request import Request
 
-from deepcovid.queue import chunk_kwargsrepr
+from deepcovid.queue import chunk_reprs
 
 
 class SafeRequest(Request):
@@ -36,4 +36,4 @@ def _kwargsrepr(kwargs: Any) -> str:
     job_id, bundle_id, uris = kwargs.get("job_id"), kwargs.get("bundle_id"), kwargs.get("uris")
     if not isinstance(job_id, int) or not isinstance(bundle_id, str) or not isinstance(uris, list):
         return f"<{len(kwargs)} hidden arguments>"
-    return chunk_kwargsrepr(job_id, bundle_id[:128], len(uris))
+    return chunk_reprs(job_id, bundle_id, uris)["kwargsrepr"]

@@ -1,10 +1,18 @@
-"""The ``deepcovid.score_chunk`` task: score a chunk of URIs and write the results in one transaction.
+"""The ``deepcovid.score_chunk`` task: score a chunk of URIs, committing results batch by batch.
 
-Delivery is at-least-once (acks late, reject on worker lost), so the task is idempotent: images this
-job already finished are skipped, and results are upserted on (image, bundle). When a chunk comes back
-after its worker died, its images are scored one at a time so that a single image that kills the
-worker (a decoder crash, an out-of-memory kill) is isolated and eventually failed as
+Delivery is at-least-once (acks late, reject on worker lost, requeue at the hard time limit), so the task
+is idempotent: images this job already finished are skipped, and results are upserted on (image, bundle).
+When a chunk comes back after its worker died, its images are scored one at a time so that a single image
+that kills the worker (a decoder crash, an out-of-memory kill) is isolated and eventually failed as
 ``crashed_worker`` while the others get scored.
+
+A chunk is acknowledged only when each of its images is finished (scored or failed) or re-sent:
+- a message that fails validation (worker.validation) is rejected without requeue and writes nothing;
+- a transient error (database, S3) retries the whole chunk with backoff, for as long as it takes;
+- the soft time limit or an unexpected error commits what finished, counts an attempt for the rest and
+  re-sends them in two smaller chunks; an image out of attempts fails as ``timed_out`` or ``internal_error``;
+- a bundle that cannot be loaded fails the chunk's images as ``bundle_unusable`` (requeue after fixing it);
+- when re-sending or recording fails, the message is rejected with requeue, so it is never lost.
 
 The ensemble (torch) is imported inside the task, after the prefork pool has forked, so CUDA is never
 initialised in the parent process.
@@ -15,10 +23,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from billiard.exceptions import SoftTimeLimitExceeded
 from botocore import exceptions as botocore_errors
+from celery.exceptions import Reject
 from sqlalchemy import exc as sqlalchemy_errors
 from sqlalchemy.engine import Engine
 
@@ -28,13 +38,14 @@ from db.schema import DatabaseUnreachable, SchemaNotCurrent, open_database
 from db.writes import record_attempts, write_results
 from deepcovid.bundle import BundleError, find_bundle
 from deepcovid.defaults import MAX_CACHED_ENSEMBLES, MAX_RETRIES
-from deepcovid.errors import TransientError
-from deepcovid.queue import TASK_NAME
+from deepcovid.errors import REASONS, TransientError
+from deepcovid.queue import TASK_NAME, chunk_reprs, send_chunk
 from deepcovid.results import ImageResult
 from deepcovid.settings import Settings, get_settings
 from deepcovid.status import ImageStatus
 from deepcovid.storage import Storage, open_storage
 from worker import app
+from worker.validation import ChunkMessage, InvalidMessage, check_job, parse_message
 
 if TYPE_CHECKING:
     from deepcovid.ensemble import Ensemble
@@ -104,11 +115,40 @@ def retryable_errors() -> tuple[type[BaseException], ...]:
         botocore_errors.ConnectionError,
         botocore_errors.HTTPClientError,
         DatabaseUnreachable,
-        # Deployment problems an operator fixes while the chunk waits: schema not migrated, bundle
-        # not installed on this worker.
+        # A deployment problem an operator fixes while the chunk waits: the schema not migrated.
         SchemaNotCurrent,
-        BundleError,
     )
+
+
+class _Chunk:
+    """One delivery of a chunk: what is finished, what was counted, and how to commit results."""
+
+    def __init__(self, engine: Engine, message: ChunkMessage, settings: Settings, device: str) -> None:
+        self.engine = engine
+        self.message = message
+        self.settings = settings
+        self.device = device
+        self.host = socket.gethostname()
+        self.finished: set[str] = set()
+        self.counted: set[str] = set()  # attempts already recorded for this delivery
+        self.summary: dict[str, Any] = {"job_id": message.job_id, "images": len(message.uris)}
+        self.summary.update(skipped=0, scored=0, failed=0, isolated=False, resent=0)
+
+    def write(self, results: list[ImageResult]) -> None:
+        write_results(
+            self.engine,
+            job_id=self.message.job_id,
+            bundle_id=self.message.bundle_id,
+            results=results,
+            worker_host=self.host,
+            device=self.device,
+        )
+        self.finished.update(r.uri for r in results)
+        self.summary["scored"] += sum(r.scored for r in results)
+        self.summary["failed"] += sum(r.status is ImageStatus.failed for r in results)
+
+    def fail(self, uris: Sequence[str], reason: str, detail: str) -> None:
+        self.write([ImageResult.failed(uri, reason, detail) for uri in uris])
 
 
 def run_chunk(
@@ -118,81 +158,202 @@ def run_chunk(
     *,
     settings: Settings,
     redelivered: bool = False,
+    resend: Callable[[ChunkMessage, list[str]], None] | None = None,
 ) -> dict[str, Any]:
-    """Score the chunk's unfinished images and record them; returns counts (no URIs) for Flower."""
+    """Score the chunk's unfinished images and record them; returns counts (no URIs) for Flower.
+
+    ``resend(message, uris)`` sends a smaller chunk of this job with what a time limit or an unexpected
+    error left unfinished (default: through this worker's broker, with the same argument reprs).
+    """
     from deepcovid.pipeline import score_chunk as score_uris  # torch: only after the fork
 
+    message = ChunkMessage(int(job_id), str(bundle_id), [str(u) for u in uris])
     engine = _engine_for(settings)
     storage = _storage_for(settings)
-    state = chunk_state(engine, job_id, uris)
-    todo = [u for u in dict.fromkeys(uris) if not state.get(u, (False, 0))[0]]
-    summary: dict[str, Any] = {"job_id": job_id, "images": len(uris), "skipped": len(uris) - len(todo)}
-    summary.update(scored=0, failed=0, isolated=False)
+    state = chunk_state(engine, job_id, message.uris)
+    # Only images registered by enqueue are scored: a message cannot add rows to a job.
+    todo = [u for u in dict.fromkeys(message.uris) if u in state and not state[u][0]]
+    if len(state) < len(set(message.uris)):
+        log.warning(
+            "job %d: %d URIs of the chunk are not registered; ignored",
+            job_id,
+            len(set(message.uris)) - len(state),
+        )
     if not todo:
         finish_job_if_done(engine, job_id)
-        return summary
+        summary = {"job_id": job_id, "images": len(message.uris), "skipped": len(message.uris)}
+        return summary | {"scored": 0, "failed": 0, "isolated": False, "resent": 0}
 
-    ensemble = _ensemble_for(bundle_id, settings)
-    host = socket.gethostname()
-    device = ensemble.label
-
-    def write(results: list[ImageResult]) -> None:
-        write_results(
-            engine, job_id=job_id, bundle_id=bundle_id, results=results, worker_host=host, device=device
-        )
-        summary["scored"] += sum(r.scored for r in results)
-        summary["failed"] += sum(r.status is ImageStatus.failed for r in results)
-
-    # A previous delivery of this chunk died mid-way (or isolated some of these images before).
-    isolate = redelivered or any(state.get(u, (False, 0))[1] >= 1 for u in todo)
-    if not isolate:
-        write(score_uris(todo, storage=storage, ensemble=ensemble, settings=settings))
-    else:
-        summary["isolated"] = True
-        log.warning(
-            "job %d: chunk redelivered after a worker died; scoring its %d unfinished images one at a time",
+    try:
+        ensemble = _ensemble_for(message.bundle_id, settings)
+    except BundleError as exc:
+        chunk = _Chunk(engine, message, settings, device="")
+        log.error(
+            "job %d: the bundle cannot be used on this worker (%s); failing %d images as bundle_unusable",
             job_id,
+            _short(exc),
             len(todo),
         )
-        for uri in todo:
-            # Counted before scoring, so an image that kills the worker accumulates attempts.
-            attempts = record_attempts(engine, [uri]).get(uri, 0)
-            if attempts >= settings.max_attempts:
-                log.error(
-                    "job %d: an image killed its worker %d times; failing it as crashed_worker",
-                    job_id,
-                    attempts,
-                )
-                detail = (
-                    f"its chunk killed the worker {attempts} times "
-                    f"(DEEPCOVID_MAX_ATTEMPTS={settings.max_attempts})"
-                )
-                write([ImageResult.failed(uri, "crashed_worker", detail)])
-                continue
-            write(score_uris([uri], storage=storage, ensemble=ensemble, settings=settings))
+        chunk.fail(todo, "bundle_unusable", _short(exc))
+        finish_job_if_done(engine, job_id)
+        return chunk.summary
+
+    chunk = _Chunk(engine, message, settings, device=ensemble.label)
+    chunk.summary["skipped"] = len(message.uris) - len(todo)
+    # A previous delivery of this chunk died mid-way (or isolated some of these images before).
+    isolate = redelivered or any(state.get(u, (False, 0))[1] >= 1 for u in todo)
+    try:
+        if not isolate:
+            score_uris(todo, storage=storage, ensemble=ensemble, settings=settings, on_results=chunk.write)
+        else:
+            _score_isolated(
+                chunk,
+                todo,
+                redelivered,
+                lambda uris: score_uris(
+                    uris, storage=storage, ensemble=ensemble, settings=settings, on_results=chunk.write
+                ),
+            )
+    except retryable_errors():
+        raise
+    except SoftTimeLimitExceeded:
+        log.warning("job %d: the chunk reached its soft time limit", job_id)
+        _give_back(chunk, todo, "timed_out", resend)
+    except Exception as exc:
+        log.error("job %d: the chunk stopped on an unexpected %s", job_id, type(exc).__name__)
+        log.debug("the chunk's unexpected error", exc_info=True)  # DEBUG: the traceback may name files
+        _give_back(chunk, todo, "internal_error", resend)
     finish_job_if_done(engine, job_id)
-    return summary
+    return chunk.summary
 
 
-@app.task(bind=True, name=TASK_NAME, max_retries=MAX_RETRIES)
-def score_chunk(self: Any, job_id: int, bundle_id: str, uris: list[str]) -> dict[str, Any]:
+def _score_isolated(chunk: _Chunk, todo: list[str], redelivered: bool, score: Any) -> None:
+    """Score one image at a time, counting each attempt first.
+
+    Only a redelivery (its worker died) fails an image out of attempts as ``crashed_worker`` here; a chunk
+    re-sent by ``_give_back`` scores its images and lets the give-back decide with the right reason.
+    """
+    chunk.summary["isolated"] = True
+    job_id = chunk.message.job_id
+    log.warning(
+        "job %d: chunk redelivered or re-sent after an unfinished delivery; scoring its %d unfinished "
+        "images one at a time",
+        job_id,
+        len(todo),
+    )
+    max_attempts = chunk.settings.max_attempts
+    for uri in todo:
+        # Counted before scoring, so an image that kills the worker accumulates attempts.
+        attempts = record_attempts(chunk.engine, [uri]).get(uri, 0)
+        chunk.counted.add(uri)
+        if redelivered and attempts >= max_attempts:
+            log.error(
+                "job %d: an image killed its worker %d times; failing it as crashed_worker", job_id, attempts
+            )
+            detail = f"its chunk killed the worker {attempts} times (DEEPCOVID_MAX_ATTEMPTS={max_attempts})"
+            chunk.fail([uri], "crashed_worker", detail)
+            continue
+        score([uri])
+
+
+def _give_back(
+    chunk: _Chunk, todo: list[str], reason: str, resend: Callable[[ChunkMessage, list[str]], None] | None
+) -> None:
+    """Count an attempt for each unfinished image, fail those out of attempts, re-send the rest halved.
+
+    Runs before the task returns (and so before the message is acknowledged); if anything here fails,
+    the message is rejected with requeue and comes back whole.
+    """
+    job_id = chunk.message.job_id
+    unfinished = [u for u in todo if u not in chunk.finished]
+    try:
+        uncounted = [u for u in unfinished if u not in chunk.counted]
+        attempts = record_attempts(chunk.engine, uncounted) if uncounted else {}
+        if chunk.counted:
+            attempts.update(chunk_state(chunk.engine, job_id, [u for u in unfinished if u in chunk.counted]))
+        spent = [u for u in unfinished if _attempts(attempts.get(u)) >= chunk.settings.max_attempts]
+        again = [u for u in unfinished if u not in set(spent)]
+        if spent:
+            detail = f"{REASONS[reason]} ({chunk.settings.max_attempts} attempts, DEEPCOVID_MAX_ATTEMPTS)"
+            chunk.fail(spent, reason, detail)
+        half = (len(again) + 1) // 2
+        parts = [part for part in (again[:half], again[half:]) if part]
+        for part in parts:
+            (resend or _resend_through_broker)(chunk.message, part)
+    except Exception as exc:
+        log.error(
+            "job %d: could not record or re-send the chunk's unfinished images (%s); requeueing the chunk",
+            job_id,
+            type(exc).__name__,
+        )
+        raise Reject(f"could not re-send: {type(exc).__name__}", requeue=True) from None
+    chunk.summary["resent"] = len(again)
+    log.warning(
+        "job %d: %d images finished, %d re-sent in %d smaller chunks, %d failed as %s",
+        job_id,
+        len(chunk.finished) - len(spent),
+        len(again),
+        len(parts),
+        len(spent),
+        reason,
+    )
+
+
+def _attempts(value: Any) -> int:
+    """An attempt count from record_attempts (an int) or chunk_state (a (finished, attempts) pair)."""
+    if isinstance(value, tuple):
+        return int(value[1])
+    return int(value or 0)
+
+
+def _resend_through_broker(message: ChunkMessage, uris: list[str]) -> None:
+    send_chunk(app, message.job_id, message.bundle_id, uris)
+
+
+@app.task(bind=True, name=TASK_NAME, max_retries=None)
+def score_chunk(
+    self: Any, job_id: Any = None, bundle_id: Any = None, uris: Any = None, **unknown: Any
+) -> dict[str, Any]:
     """Score one chunk of image URIs with bundle ``bundle_id`` and record the results for job ``job_id``."""
     settings = get_settings()
     delivery_info = self.request.delivery_info or {}
     try:
+        if unknown:
+            raise InvalidMessage(f"{len(unknown)} unexpected arguments")
+        message = parse_message(job_id, bundle_id, uris, settings)
+        check_job(_engine_for(settings), message)
         return run_chunk(
-            int(job_id),
-            str(bundle_id),
-            [str(u) for u in uris],
+            message.job_id,
+            message.bundle_id,
+            message.uris,
             settings=settings,
             redelivered=bool(delivery_info.get("redelivered")),
         )
+    except InvalidMessage as exc:
+        log.error("rejected task %s: %s (not retried, nothing written)", self.request.id, exc)
+        raise Reject(f"invalid message: {exc}", requeue=False) from None
     except retryable_errors() as exc:
-        countdown = min(2**self.request.retries, settings.retry_backoff_max)
-        log.warning(
-            "job %s: %s (%s); retrying the chunk in %ds", job_id, type(exc).__name__, _short(exc), countdown
-        )
-        raise self.retry(exc=exc, countdown=countdown) from exc
+        retries = self.request.retries
+        countdown = min(2**retries, settings.retry_backoff_max)
+        level = logging.ERROR if retries >= MAX_RETRIES else logging.WARNING
+        log.log(level, "job %s: %s (%s); retrying the chunk in %ds (retry %d)", _job(job_id),
+                type(exc).__name__, _short(exc), countdown, retries + 1)  # fmt: skip
+        try:
+            # The reprs again: a retry is a new send, and Celery would otherwise show the raw URIs.
+            retry = self.retry(countdown=countdown, throw=False, **chunk_reprs(job_id, bundle_id, uris))
+        except Exception as send_error:  # the broker refused the retry: keep the message instead
+            log.error(
+                "job %s: the retry could not be sent (%s); requeueing",
+                _job(job_id),
+                type(send_error).__name__,
+            )
+            raise Reject("retry not sent", requeue=True) from None
+        raise retry from None
+
+
+def _job(job_id: Any) -> str:
+    """A job id fit for a log line, whatever the message carried."""
+    return str(job_id)[:40]
 
 
 def _short(exc: BaseException) -> str:

@@ -147,20 +147,22 @@ def test_pickle_message_runs_no_code(reliability_stack: ReliabilityStack, tmp_pa
 
 
 def refusals(log: str) -> int:
-    """How many times the worker put a chunk back because its bundle failed verification."""
-    return sum("retrying the chunk" in line and "has been modified" in line for line in log.splitlines())
+    """How many times the worker refused a chunk because its bundle failed verification."""
+    return sum("bundle_unusable" in line and "has been modified" in line for line in log.splitlines())
 
 
 @pytest.mark.slow
 def test_tampered_bundle_is_refused_until_repaired(
     reliability_stack: ReliabilityStack, tmp_path: Path
 ) -> None:
-    """One byte changed in an installed bundle: nothing is scored with it, the log says why, the chunk
-    waits (retry with backoff) and is scored once the bundle is reinstalled."""
+    """One byte changed in an installed bundle: nothing is scored with it, the log says why, the images
+    fail as ``bundle_unusable`` without retries, and are scored once the bundle is reinstalled and they
+    are requeued."""
     import torch
 
     from deepcovid.bundle import install_bundle, save_bundle
     from deepcovid.networks import build_network
+    from producer.requeue import requeue
 
     stack = reliability_stack
     torch.manual_seed(7)
@@ -177,19 +179,18 @@ def test_tampered_bundle_is_refused_until_repaired(
     for i in range(2):
         (folder / f"{i}.png").write_bytes(xray_png_bytes(64, seed=30 + i))
         uris.append(str(folder / f"{i}.png"))
-    retries_before = refusals(stack.worker.log())
+    refused_before = refusals(stack.worker.log())
+    retries_before = stack.worker.log().count("retrying the chunk")
     job_id = register_job(stack.engine, bundle.bundle_id, uris)
     send_chunks(stack.broker_url, stack.queue, job_id, bundle.bundle_id, uris, size=2)
-    wait_for(
-        lambda: refusals(stack.worker.log()) >= retries_before + 2,
-        90,
-        "the worker to refuse the tampered bundle twice",
-    )
-    assert image_states(stack.engine, uris) == dict.fromkeys(uris, ("queued", None))
+    failed = wait_for_job(stack.engine, job_id, uris, [stack.worker], timeout=90)
+    assert failed == dict.fromkeys(uris, ("failed", "bundle_unusable"))
+    assert refusals(stack.worker.log()) == refused_before + 1
+    assert stack.worker.log().count("retrying the chunk") == retries_before
     assert total_predictions(stack.engine, bundle.bundle_id) == 0
-    assert stack.worker.alive()
 
     install_bundle(bundle, stack.bundles_dir)  # replaces the copy that no longer verifies
+    assert requeue(job_id, failed=True, reason="bundle_unusable", settings=stack.settings()).images == 2
     final = wait_for_job(stack.engine, job_id, uris, [stack.worker], timeout=90)
     assert final == dict.fromkeys(uris, ("scored", None))
     assert prediction_counts(stack.engine, bundle.bundle_id, uris) == dict.fromkeys(uris, 1)

@@ -77,6 +77,7 @@ def test_first_delivery_scores_in_batches_and_a_repeat_is_skipped(
         "scored": 4,
         "failed": 0,
         "isolated": False,
+        "resent": 0,
     }
     assert {v for v in rows(migrated_engine, uris).values()} == {("scored", None, 0, 1)}
 

@@ -46,7 +46,9 @@ def register(engine: Any, bundle_id: str, uris: list[str], source: str = "test")
     from db.jobs import create_job
     from db.rows import ImageRef
     from db.writes import register_images
+    from tests.fixtures.faults import ensure_bundle_registered
 
+    ensure_bundle_registered(engine, bundle_id)
     job_id = create_job(engine, source=source, bundle_id=bundle_id, options={})
     queued = register_images(engine, job_id, bundle_id, [ImageRef(uri=u) for u in uris])
     assert queued == uris
@@ -400,7 +402,7 @@ def test_flower_lists_the_worker_and_its_tasks(
     assert "Doe_Jane" not in str(task)  # arguments are shown as a count of URIs
 
 
-def test_missing_bundle_is_retried_until_installed(
+def test_missing_bundle_fails_the_chunk_until_installed_and_requeued(
     start_worker: Callable[..., ServiceProcess],
     worker_env: dict[str, str],
     migrated_engine: Any,
@@ -409,8 +411,10 @@ def test_missing_bundle_is_retried_until_installed(
     tiny_bundle_path: Path,
     tiny_bundle_id: str,
 ) -> None:
-    """A deployment problem (bundle not on this worker yet) is retried with backoff, not lost."""
+    """A bundle not installed on the worker is not retried: the images fail as bundle_unusable, and once
+    the bundle is installed, ``requeue --failed --reason bundle_unusable`` scores them."""
     from deepcovid.bundle import install_bundle
+    from producer.requeue import requeue
 
     late_dir = tmp_path / "late-bundles"
     late_dir.mkdir()
@@ -419,8 +423,15 @@ def test_missing_bundle_is_retried_until_installed(
     env = worker_env | {"DEEPCOVID_BUNDLES_DIR": str(late_dir), "DEEPCOVID_RETRY_BACKOFF_MAX": "2"}
     worker = start_worker(env)
     send(env["DEEPCOVID_BROKER_URL"], env["DEEPCOVID_QUEUE"], job_id, tiny_bundle_id, uris)
-    wait_for(lambda: "BundleError" in worker.log() and "retrying the chunk" in worker.log(), 120, "a retry")
-    assert all(state == ("queued", None) for state in states(migrated_engine, uris).values())
+    failed = wait_until_done(migrated_engine, uris, [worker])
+    assert all(state == ("failed", "bundle_unusable") for state in failed.values())
+    assert "retrying the chunk" not in worker.log()
     install_bundle(tiny_bundle_path, late_dir)
+    settings = Settings(
+        broker_url=env["DEEPCOVID_BROKER_URL"],  # type: ignore[arg-type]
+        queue=env["DEEPCOVID_QUEUE"],
+        database_url=env["DEEPCOVID_DATABASE_URL"],  # type: ignore[arg-type]
+    )
+    assert requeue(job_id, failed=True, reason="bundle_unusable", settings=settings).images == 2
     final = wait_until_done(migrated_engine, uris, [worker])
     assert all(state == ("scored", None) for state in final.values())
