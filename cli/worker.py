@@ -29,7 +29,7 @@ def celery_worker_args(
 def worker_command(
     queue: str = typer.Option(None, "--queue", "-Q", help="Queue to consume (default: DEEPCOVID_QUEUE)."),
     pool: str = typer.Option(
-        "prefork", help="Celery pool: prefork for CPU boxes, solo for one process per GPU."
+        "prefork", help="Celery pool: prefork (with -c 1 per GPU); solo enforces no time limit."
     ),
     concurrency: int = typer.Option(None, "--concurrency", "-c", help="Pool processes (default: CPUs)."),
     name: str = typer.Option(None, "--name", "-n", help="Worker node name, e.g. gpu0@%h."),

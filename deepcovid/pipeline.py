@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import traceback
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -29,7 +30,8 @@ from deepcovid.storage import Storage
 if TYPE_CHECKING:  # torch comes with the ensemble handed in: pool processes import this module fast
     from deepcovid.ensemble import Ensemble
 
-# URIs may carry patient names in file names: they are logged at DEBUG only, counts at INFO.
+# URIs may carry patient names: never logged, at any level. Failures log their reason, and unexpected ones
+# their stack without the exception's message (which may quote a path).
 log = logging.getLogger(__name__)
 
 
@@ -74,13 +76,17 @@ def _prepare(
         )
         return _Prepared(pixels=pixels, info=info.as_dict(), size=size)
     except ImageError as exc:
-        log.debug("image failed (%s): %s", exc.reason, uri)
+        log.debug("an image failed: %s", exc.reason)
         return ImageResult.failed(uri, exc.reason, exc.detail, size=size)
     except propagate:
         raise
     except Exception as exc:
-        log.debug("unexpected %s reading or decoding %s", type(exc).__name__, uri, exc_info=True)
+        log.debug("unexpected %s reading or decoding an image:\n%s", type(exc).__name__, _stack(exc))
         return ImageResult.failed(uri, "internal_error", type(exc).__name__, size=size)
+
+
+def _stack(exc: BaseException) -> str:
+    return "".join(traceback.format_tb(exc.__traceback__))
 
 
 def _score_batch(
@@ -100,7 +106,7 @@ def _score_batch(
         if len(pending) == 1:
             i, prepared = pending[0]
             log.error("scoring one image failed with %s", type(exc).__name__)
-            log.debug("scoring %s failed", uris[i], exc_info=True)
+            log.debug("where scoring failed:\n%s", _stack(exc))
             failed = ImageResult.failed(
                 uris[i], "internal_error", type(exc).__name__, info=prepared.info, size=prepared.size
             )
