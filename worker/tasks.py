@@ -236,8 +236,8 @@ def _score_isolated(chunk: _Chunk, todo: list[str], redelivered: bool, score: An
     chunk.summary["isolated"] = True
     job_id = chunk.message.job_id
     log.warning(
-        "job %d: chunk redelivered or re-sent after an unfinished delivery; scoring its %d unfinished "
-        "images one at a time",
+        "job %d: chunk redelivered after a worker died, or re-sent after an unfinished delivery; "
+        "scoring its %d unfinished images one at a time",
         job_id,
         len(todo),
     )
@@ -340,7 +340,10 @@ def score_chunk(
                 type(exc).__name__, _short(exc), countdown, retries + 1)  # fmt: skip
         try:
             # The reprs again: a retry is a new send, and Celery would otherwise show the raw URIs.
-            retry = self.retry(countdown=countdown, throw=False, **chunk_reprs(job_id, bundle_id, uris))
+            # exc: operators see why in Flower; engines hide SQL parameters and drivers' detail lines.
+            retry = self.retry(
+                exc=exc, countdown=countdown, throw=False, **chunk_reprs(job_id, bundle_id, uris)
+            )
         except Exception as send_error:  # the broker refused the retry: keep the message instead
             log.error(
                 "job %s: the retry could not be sent (%s); requeueing",

@@ -6,7 +6,6 @@ and the check it failed, never with its URIs.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +15,8 @@ from sqlalchemy.engine import Engine
 from db.tables import bundles, scan_jobs
 from deepcovid.settings import Settings
 from deepcovid.status import JobStatus
-from deepcovid.storage import S3_SCHEME, parse_s3_uri
+
+MAX_URI_LENGTH = 4096  # PATH_MAX on Linux; S3 keys are at most 1024 bytes
 
 
 class InvalidMessage(ValueError):
@@ -33,7 +33,7 @@ class ChunkMessage:
 
 
 def parse_message(job_id: Any, bundle_id: Any, uris: Any, settings: Settings) -> ChunkMessage:
-    """The message's arguments, typed, or InvalidMessage: every URI must be one storage accepts."""
+    """The message's arguments, typed, or InvalidMessage when their shape is wrong."""
     if isinstance(job_id, bool) or not isinstance(job_id, int) or job_id <= 0:
         raise InvalidMessage("job_id is not a positive integer")
     if not isinstance(bundle_id, str) or not bundle_id or len(bundle_id) > 128:
@@ -52,19 +52,16 @@ def parse_message(job_id: Any, bundle_id: Any, uris: Any, settings: Settings) ->
 
 
 def _uri_problem(uri: Any) -> str:
-    """Why storage would not accept ``uri`` as an image address ('' when it would)."""
+    """Why ``uri`` cannot even be looked up as an image address ('' when it can).
+
+    A well-formed string that storage refuses (a relative path, a path outside the roots, a bucket not
+    allowed) is not the message's fault: that image alone fails with its reason, as it would if its
+    file had moved, and the rest of the chunk is scored.
+    """
     if not isinstance(uri, str):
         return f"is a {type(uri).__name__}, not a string"
-    if not uri or "\x00" in uri or len(uri) > 4096:
+    if not uri or "\x00" in uri or len(uri) > MAX_URI_LENGTH:
         return "is empty, too long or holds a NUL byte"
-    if uri.startswith(S3_SCHEME):
-        try:
-            parse_s3_uri(uri)
-        except ValueError:
-            return "is not s3://bucket/key"
-        return ""
-    if not os.path.isabs(uri) or uri.endswith("/"):
-        return "is neither an absolute file path nor s3://bucket/key"
     return ""
 
 

@@ -109,7 +109,7 @@ def test_invalid_messages_are_rejected_without_rows_or_retries(reliability_stack
             "job_id": finished_job, "bundle_id": stack.bundle_id, "uris": "/etc"},
         "a job that does not exist": {"job_id": 987654321, "bundle_id": stack.bundle_id, "uris": [secret]},
         "a malformed bundle id": {"job_id": running_job, "bundle_id": "../../etc", "uris": [secret]},
-        "a relative path": {"job_id": running_job, "bundle_id": stack.bundle_id, "uris": ["etc/passwd"]},
+        "an empty URI": {"job_id": running_job, "bundle_id": stack.bundle_id, "uris": [""]},
         "too many URIs": {"job_id": running_job, "bundle_id": stack.bundle_id, "uris": [secret] * 1025},
         "a non-string URI": {"job_id": running_job, "bundle_id": stack.bundle_id, "uris": [7]},
         "an unknown argument": {

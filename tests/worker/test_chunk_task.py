@@ -97,7 +97,7 @@ def test_redelivered_chunk_is_scored_one_image_at_a_time(
     with migrated_engine.begin() as conn:
         conn.execute(sa.update(Image).where(Image.uri == uris[2]).values(attempt_count=2))
 
-    summary = run_chunk(job_id, tiny_bundle_id, uris, settings=settings)
+    summary = run_chunk(job_id, tiny_bundle_id, uris, settings=settings, redelivered=True)
     assert summary["isolated"] is True
     assert (summary["scored"], summary["failed"]) == (3, 1)
     state = rows(migrated_engine, uris)
