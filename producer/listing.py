@@ -257,8 +257,16 @@ def list_source(
     on_error: Callable[[str, OSError], None] | None = None,
     not_listed: Counter[str] | None = None,
 ) -> Iterator[ImageRef]:
-    """Stream the images of ``source``: an ``s3://bucket/prefix`` URI or a local directory."""
+    """Stream the images of ``source``: an ``s3://bucket/prefix`` URI, a local directory, or one local
+    file (listed whatever its name: it was named on purpose)."""
     if source.startswith("s3://"):
         bucket, prefix = parse_s3_source(source)
         return walk_s3(bucket, prefix, include, settings=settings, not_listed=not_listed)
+    if os.path.isfile(source):
+        return _single_file(source)
     return walk_local(Path(source), include, on_error=on_error, not_listed=not_listed)
+
+
+def _single_file(path: str) -> Iterator[ImageRef]:
+    st = os.stat(path)
+    yield ImageRef(path, "file", st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc), None)

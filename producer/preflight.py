@@ -37,7 +37,8 @@ NO_BUNDLE_HELP = (
 
 
 def check_local_source(source: str, settings: Settings, extra_roots: Iterable[Path] = ()) -> Path:
-    """The absolute, resolved directory to list, or a UserError saying why it cannot be used."""
+    """The absolute, resolved directory (or single file) to list, or a UserError saying why it cannot be
+    used. A single file is taken whatever its name, as ``inspect`` takes it."""
     path = Path(source).expanduser()
     try:
         st = os.stat(path)
@@ -45,13 +46,14 @@ def check_local_source(source: str, settings: Settings, extra_roots: Iterable[Pa
         raise UserError(ExitCode.MISSING_PATH, f"{source}: no such file or directory") from None
     except (PermissionError, NotADirectoryError) as exc:
         raise UserError(ExitCode.UNREADABLE_PATH, f"{source}: cannot be read ({exc.strerror})") from None
-    if not stat_module.S_ISDIR(st.st_mode):
-        raise UserError(ExitCode.UNREADABLE_PATH, f"{source}: is not a directory")
-    try:
-        with os.scandir(path) as it:
-            next(it, None)
-    except OSError as exc:
-        raise UserError(ExitCode.UNREADABLE_PATH, f"{source}: cannot be read ({exc.strerror})") from None
+    if stat_module.S_ISDIR(st.st_mode):
+        try:
+            with os.scandir(path) as it:
+                next(it, None)
+        except OSError as exc:
+            raise UserError(ExitCode.UNREADABLE_PATH, f"{source}: cannot be read ({exc.strerror})") from None
+    elif not stat_module.S_ISREG(st.st_mode):
+        raise UserError(ExitCode.UNREADABLE_PATH, f"{source}: is neither a directory nor a regular file")
     resolved = path.resolve()
     roots = [Path(r).expanduser().resolve() for r in [*settings.storage_roots, *extra_roots]]
     if not roots:

@@ -167,7 +167,8 @@ def screen(
         include = parse_include(include)
     # A local directory screened here is readable by this process whatever the storage roots say.
     canonical = check_source(source, settings, extra_roots=[Path(source).expanduser()])
-    extra_roots = () if canonical.startswith("s3://") else (Path(canonical),)
+    local = Path(canonical)
+    extra_roots = () if canonical.startswith("s3://") else (local if local.is_dir() else local.parent,)
 
     engine = open_database(settings, create=True)
     loaded, promoted = resolve_bundle(engine, settings, bundle)

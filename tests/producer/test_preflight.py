@@ -48,10 +48,11 @@ def test_path_below_a_file_is_unreadable(run_cli, producer_env, tmp_path: Path) 
     assert "cannot be read" in flat(result.stderr)
 
 
-def test_a_file_is_not_a_directory(run_cli, producer_env, archive: Path) -> None:
-    result = run_cli("enqueue", archive / "a.png")
+def test_a_fifo_is_neither_a_directory_nor_a_file(run_cli, producer_env, archive: Path) -> None:
+    os.mkfifo(archive / "pipe.png")
+    result = run_cli("enqueue", archive / "pipe.png")
     assert result.exit_code == ExitCode.UNREADABLE_PATH
-    assert "is not a directory" in flat(result.stderr)
+    assert "is neither a directory nor a regular file" in flat(result.stderr)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads directories whatever their mode")

@@ -168,6 +168,17 @@ def test_screen_missing_source(run_cli, producer_env, tmp_path: Path) -> None:
     assert result.exit_code == 10
 
 
+def test_screen_of_a_single_file(
+    run_cli, producer_env, xray_archive: Path, tiny_bundle_path: Path, tmp_path: Path
+) -> None:
+    image = next(p for p in sorted(xray_archive.rglob("*.png")) if p.stat().st_size > 100)
+    result = run_cli("screen", image, "--bundle", tiny_bundle_path)
+    assert result.exit_code == 0, result.output
+    assert "listed 1; already scored 0; scored now 1; failed 0" in flat(result.stdout)
+    with _engine(tmp_path / "data").connect() as conn:
+        assert conn.execute(sa.text("SELECT uri, state FROM images")).all() == [(str(image), "scored")]
+
+
 def test_screen_of_an_empty_archive_creates_no_job(
     run_cli, producer_env, tiny_bundle_path: Path, tmp_path: Path
 ) -> None:
