@@ -18,10 +18,7 @@ Choices made here (DICOM's are in ``deepcovid.dicom``):
 
 from __future__ import annotations
 
-import errno
 import io
-import os
-import stat
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -31,11 +28,12 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from deepcovid.decoded import NEVER_CAUGHT, DecodedImage, ImageInfo, Transform, library_failure
-from deepcovid.errors import DecodeError, StorageError
+from deepcovid.errors import DecodeError
 from deepcovid.formats import PILLOW_FORMATS, is_dicom, sniff
 from deepcovid.limits import DECODING, check_decoded_bytes, check_pixels
 from deepcovid.pixels import composite_on_black, row_bands, scale_rows_to_uint8
 from deepcovid.settings import get_settings
+from deepcovid.storage import read_local_file
 
 # Our max_pixels check runs first; Pillow's own bomb warning would only repeat it as a warning.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
@@ -105,46 +103,9 @@ def decode_path(
 
 
 def read_file(path: str | Path, *, max_bytes: int | None = None) -> bytes:
-    """Read a whole regular local file, refusing one over ``max_bytes`` (default ``Settings.max_file_bytes``).
-
-    The file is opened non-blocking and checked on its descriptor, so a FIFO or a device is refused at
-    once instead of blocking or streaming forever. Details never repeat the path: it may name a patient.
-    """
-    if max_bytes is None:
-        max_bytes = get_settings().max_file_bytes
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError as exc:
-        raise _read_error(exc) from exc
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise StorageError("is_a_directory")
-        if not stat.S_ISREG(st.st_mode):
-            raise StorageError("unreadable", "not a regular file (a FIFO, device or socket)")
-        if st.st_size > max_bytes:
-            raise StorageError("too_large", f"file exceeds the limit of {max_bytes} bytes")
-        with os.fdopen(fd, "rb", closefd=False) as handle:
-            data = handle.read(max_bytes + 1)
-    except OSError as exc:
-        raise _read_error(exc) from exc
-    finally:
-        os.close(fd)
-    if len(data) > max_bytes:
-        raise StorageError("too_large", f"file exceeds the limit of {max_bytes} bytes")
-    return data
-
-
-def _read_error(exc: OSError) -> StorageError:
-    reason = {
-        errno.ENOENT: "not_found",
-        errno.ENOTDIR: "not_found",
-        errno.EACCES: "permission_denied",
-        errno.EPERM: "permission_denied",
-        errno.EISDIR: "is_a_directory",
-    }.get(exc.errno or 0, "unreadable")
-    return StorageError(reason, exc.strerror or type(exc).__name__)
+    """Read a whole regular local file (``storage.read_local_file``), at most ``max_bytes``
+    (default ``Settings.max_file_bytes``). Details never repeat the path: it may name a patient."""
+    return read_local_file(path, get_settings().max_file_bytes if max_bytes is None else max_bytes)
 
 
 def _pixel_limit(max_pixels: int | None) -> int:

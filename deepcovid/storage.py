@@ -245,15 +245,9 @@ class Storage:
     def _read_local(self, uri: str) -> bytes:
         fd, _ = self._open_local(uri)
         try:
-            with os.fdopen(fd, "rb", closefd=False) as fh:
-                data = fh.read(self.max_file_bytes + 1)
-        except OSError as exc:
-            raise _os_error(exc) from exc
+            return read_open_file(fd, self.max_file_bytes)
         finally:
             os.close(fd)
-        if len(data) > self.max_file_bytes:  # grew while we read it
-            raise StorageError("too_large", _too_large_detail(len(data), self.max_file_bytes))
-        return data
 
     # -- S3 ---------------------------------------------------------------------------------
 
@@ -290,6 +284,36 @@ class Storage:
         if len(data) > self.max_file_bytes:
             raise StorageError("too_large", _too_large_detail(len(data), self.max_file_bytes))
         return data
+
+
+def read_local_file(path: str | Path, max_bytes: int) -> bytes:
+    """A whole regular file at ``path``, for callers with no storage roots (``inspect``, training data):
+    opened as workers open theirs, so a FIFO or a device is refused at once and the read is bounded."""
+    try:
+        fd = os.open(path, _FILE_FLAGS)
+    except OSError as exc:
+        raise _os_error(exc) from exc
+    try:
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            raise _os_error(exc) from exc
+        _check_regular(st, max_bytes)
+        return read_open_file(fd, max_bytes)
+    finally:
+        os.close(fd)
+
+
+def read_open_file(fd: int, max_bytes: int) -> bytes:
+    """The rest of an open file, refused if it holds more than ``max_bytes`` (it may grow after fstat)."""
+    try:
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read(max_bytes + 1)
+    except OSError as exc:
+        raise _os_error(exc) from exc
+    if len(data) > max_bytes:
+        raise StorageError("too_large", _too_large_detail(len(data), max_bytes))
+    return data
 
 
 def _check_regular(st: os.stat_result, max_bytes: int) -> None:
