@@ -158,18 +158,22 @@ def test_s3_read_and_errors(s3_server: object, s3_bucket: tuple[object, str]) ->
     assert reason_of(storage, "s3://only-a-bucket") == "not_found"
 
 
-def test_s3_unreachable_is_transient() -> None:
+def _unreachable_s3(allow: list[str]) -> Settings:
+    """Settings whose S3 endpoint is a free port nothing listens on: any request would fail."""
     from tests.fixtures.services import free_port
 
-    settings = Settings(
+    return Settings(
         s3_endpoint_url=f"http://127.0.0.1:{free_port()}",
         s3_access_key_id="x",  # type: ignore[arg-type]
         s3_secret_access_key="y",  # type: ignore[arg-type]
         s3_max_attempts=1,
-        s3_allow=["bucket"],
+        s3_allow=allow,
     )
+
+
+def test_s3_unreachable_is_transient() -> None:
     with pytest.raises(TransientError):
-        open_storage(settings).read("s3://bucket/key.png")
+        open_storage(_unreachable_s3(["bucket"])).read("s3://bucket/key.png")
 
 
 def test_s3_client_is_recreated_after_fork(s3_server: object) -> None:
@@ -261,16 +265,7 @@ def test_s3_reads_outside_the_allow_list_are_refused(
 
 def test_s3_refusal_sends_no_request() -> None:
     """Nothing listens at the endpoint, so a request would be a TransientError: the refusal comes first."""
-    from tests.fixtures.services import free_port
-
-    settings = Settings(
-        s3_endpoint_url=f"http://127.0.0.1:{free_port()}",
-        s3_access_key_id="x",  # type: ignore[arg-type]
-        s3_secret_access_key="y",  # type: ignore[arg-type]
-        s3_max_attempts=1,
-        s3_allow=["other-bucket"],
-    )
-    storage = open_storage(settings)
+    storage = open_storage(_unreachable_s3(["other-bucket"]))
     assert reason_of(storage, "s3://bucket/key.png") == "outside_storage_root"
     with pytest.raises(StorageError):
         storage.stat("s3://bucket/key.png")
