@@ -269,10 +269,12 @@ def _give_back(
     try:
         uncounted = [u for u in unfinished if u not in chunk.counted]
         attempts = record_attempts(chunk.engine, uncounted) if uncounted else {}
-        if chunk.counted:
-            attempts.update(chunk_state(chunk.engine, job_id, [u for u in unfinished if u in chunk.counted]))
-        spent = [u for u in unfinished if _attempts(attempts.get(u)) >= chunk.settings.max_attempts]
-        again = [u for u in unfinished if u not in set(spent)]
+        if chunk.counted:  # already counted when scored one at a time: read, not counted again
+            counted = chunk_state(chunk.engine, job_id, [u for u in unfinished if u in chunk.counted])
+            attempts.update({uri: count for uri, (_finished, count) in counted.items()})
+        spent = [u for u in unfinished if attempts.get(u, 0) >= chunk.settings.max_attempts]
+        out_of_attempts = frozenset(spent)
+        again = [u for u in unfinished if u not in out_of_attempts]
         if spent:
             detail = f"{REASONS[reason]} ({chunk.settings.max_attempts} attempts, DEEPCOVID_MAX_ATTEMPTS)"
             chunk.fail(spent, reason, detail)
@@ -297,13 +299,6 @@ def _give_back(
         len(spent),
         reason,
     )
-
-
-def _attempts(value: Any) -> int:
-    """An attempt count from record_attempts (an int) or chunk_state (a (finished, attempts) pair)."""
-    if isinstance(value, tuple):
-        return int(value[1])
-    return int(value or 0)
 
 
 def _resend_through_broker(message: ChunkMessage, uris: list[str]) -> None:
