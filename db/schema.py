@@ -67,12 +67,12 @@ def open_database(
         make_private_dir(settings.data_dir)
     engine = make_engine(url)
     try:
-        with engine.connect() as conn:
-            tables = sa.inspect(conn).get_table_names()
+        with engine.connect() as conn:  # reachable? (and, only when it may be made here, empty?)
+            fresh = create and embedded and not sa.inspect(conn).get_table_names()
     except sa.exc.DBAPIError as exc:
         reason = str(exc.orig or exc).strip().splitlines()[0] if str(exc) else type(exc).__name__
         raise DatabaseUnreachable(f"cannot reach the database {mask_url(str(url))}: {reason}") from None
-    if create and embedded and not tables:
+    if fresh:
         upgrade(url)
     ensure_schema_current(engine)
     return engine
