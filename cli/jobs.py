@@ -156,10 +156,14 @@ def print_progress(progress: JobProgress) -> None:
         *((f"  {reason}", number(count)) for reason, count in progress.failed_by_reason.items()),
         ("queued", number(progress.queued)),
     ]
-    if progress.skipped:
-        rows.append(("skipped", number(progress.skipped)))
+    if progress.cancelled:
+        rows.append(("cancelled", number(progress.cancelled)))
+    if progress.reused:
+        rows.append(("reused", f"{number(progress.reused)} scored by an earlier job"))
     rows.append(("flagged", number(progress.flagged)))
-    if progress.state is JobStatus.running:
+    if progress.detail:
+        rows.append(("why", progress.detail))
+    if progress.rate_per_s is not None:
         rows.append(("rate", f"{progress.rate_per_s:,.1f} images/s"))
         rows.append(("ETA", _duration(progress.eta_s)))
         rows.append(("last progress", _when(progress.last_progress_at)))

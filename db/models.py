@@ -1,4 +1,4 @@
-"""The results database schema: scan jobs, images, predictions and the bundle registry.
+"""The results database schema: scan jobs, their member images, images, predictions, the bundle registry.
 
 Types are portable (JSON, string-backed enums, partial unique index declared for both dialects) so the
 same models and migrations serve the embedded SQLite file and production PostgreSQL.
@@ -69,15 +69,17 @@ class ScanJob(Base):
     bundle_id: Mapped[str] = mapped_column(sa.String(128))
     options: Mapped[dict[str, Any]] = mapped_column(default=dict)
     state: Mapped[JobStatus] = mapped_column(_enum(JobStatus, "job_state"), default=JobStatus.running)
+    detail: Mapped[str | None] = mapped_column(sa.Text)  # why it failed or was interrupted
+    # "host:pid" of the ``screen`` process working on it; NULL for a job its workers run.
+    runner: Mapped[str | None] = mapped_column(sa.String(255))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
 
 
 class Image(Base):
-    """One image URI and where it stands; its scores live in ``predictions`` (one row per bundle)."""
+    """One image URI and what is known about the file; where it stands in each job is in ``job_images``."""
 
     __tablename__ = "images"
-    __table_args__ = (sa.Index(None, "last_job_id", "state"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     uri: Mapped[str] = mapped_column(sa.Text, unique=True)
@@ -90,20 +92,47 @@ class Image(Base):
     series_uid: Mapped[str | None] = mapped_column(sa.String(64))
     sop_uid: Mapped[str | None] = mapped_column(sa.String(64))
     view: Mapped[str | None] = mapped_column(sa.String(16))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class JobImage(Base):
+    """One image's membership of one job: its state there, and the prediction it resolved to.
+
+    Each job keeps its own list, so a later job over the same files never changes what an earlier one
+    found. ``reused`` marks a prediction made by an earlier job with the same bundle.
+    """
+
+    __tablename__ = "job_images"
+    __table_args__ = (
+        sa.Index(None, "job_id", "state"),
+        sa.Index(None, "image_id"),
+        sa.Index(None, "prediction_id"),
+    )
+
+    job_id: Mapped[int] = mapped_column(
+        BigId, sa.ForeignKey("scan_jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    image_id: Mapped[int] = mapped_column(
+        BigId, sa.ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
+    )
     state: Mapped[ImageStatus] = mapped_column(_enum(ImageStatus, "image_state"), default=ImageStatus.queued)
+    attempts: Mapped[int] = mapped_column(default=0)
     failure_reason: Mapped[str | None] = mapped_column(sa.String(64))
     failure_detail: Mapped[str | None] = mapped_column(sa.Text)
-    attempt_count: Mapped[int] = mapped_column(default=0)
-    last_job_id: Mapped[int | None] = mapped_column(BigId, sa.ForeignKey("scan_jobs.id", ondelete="SET NULL"))
+    prediction_id: Mapped[int | None] = mapped_column(
+        BigId, sa.ForeignKey("predictions.id", ondelete="SET NULL")
+    )
+    reused: Mapped[bool] = mapped_column(default=False)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Prediction(Base):
-    """One image scored by one bundle. Unique on (image, bundle) so a redelivered chunk never duplicates."""
+    """One image scored by one bundle in one job. Unique on (image, bundle, job), so a redelivered chunk
+    never duplicates, and rescoring in a later job leaves the earlier job's answer as it was."""
 
     __tablename__ = "predictions"
-    # No index on job_id: nothing looks predictions up by job, and each index costs every write.
-    __table_args__ = (sa.UniqueConstraint("image_id", "bundle_id"),)
+    # The unique index also serves "has this bundle scored this image" (its first two columns).
+    __table_args__ = (sa.UniqueConstraint("image_id", "bundle_id", "job_id"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     image_id: Mapped[int] = mapped_column(BigId, sa.ForeignKey("images.id", ondelete="CASCADE"))

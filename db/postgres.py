@@ -21,21 +21,25 @@ from sqlalchemy.engine import Connection
 from db.rows import (
     LISTED_COLUMNS,
     LISTING_COLUMNS,
+    MEMBER_COLUMNS,
+    MEMBER_KEY,
+    MEMBER_UPDATES,
     PREDICTION_COLUMNS,
     PREDICTION_KEY,
     PREDICTION_SHARED,
     PREDICTION_UPDATES,
-    REGISTER_SHARED,
-    REQUEUE_COLUMNS,
     RESULT_IMAGE_COLUMNS,
-    RESULT_IMAGE_SHARED,
+    RESULT_MEMBER_COLUMNS,
+    RESULT_MEMBER_UPDATES,
     SCORE_COLUMNS,
     result_image_updates,
 )
-from db.tables import images, predictions
+from db.tables import images, job_images, predictions
 from deepcovid.status import ImageStatus
 
 _DIALECT = psycopg.dialect()
+# Every column a statement below sends, by name, for its type (the images' columns win a shared name).
+_COLUMNS = {column.name: column for table in (predictions, job_images, images) for column in table.c}
 
 
 def _array_type(column: sa.Column[Any]) -> str:
@@ -47,14 +51,14 @@ def _array_type(column: sa.Column[Any]) -> str:
     return next((name for kind, name in kinds if issubclass(python_type, kind)), "text")
 
 
-def _arrays(table: sa.Table, columns: Sequence[str]) -> str:
+def _arrays(columns: Sequence[str]) -> str:
     """``%(name)b::type[], ...``: one array parameter per column, in order."""
-    return ", ".join(f"%({name})b::{_array_type(table.c[name])}[]" for name in columns)
+    return ", ".join(f"%({name})b::{_array_type(_COLUMNS[name])}[]" for name in columns)
 
 
-def _scalars(table: sa.Table, columns: Sequence[str]) -> dict[str, str]:
-    """``%(name)s::type`` by column: one parameter for a value the whole batch shares."""
-    return {name: f"%({name})s::{_array_type(table.c[name])}" for name in columns}
+def _scalar(name: str) -> str:
+    """``%(name)s::type``: one parameter for a value the whole batch shares."""
+    return f"%({name})s::{_array_type(_COLUMNS[name])}"
 
 
 def _sql(expression: sa.ColumnElement[Any]) -> str:
@@ -67,58 +71,76 @@ def _set_list(assignments: Iterable[str]) -> str:
 
 # --- registering a listing -----------------------------------------------------------------------------
 
-# A scalar subquery (at most one row: uri and (image, bundle) are unique) runs per listed row as two index
-# probes; the planner may turn an EXISTS into a hashed subplan reading every prediction of the bundle.
-_SCORED = (
-    "coalesce((SELECT true FROM images e JOIN predictions p ON p.image_id = e.id "
-    "WHERE e.uri = s.uri AND p.bundle_id = %(bundle_id)s), false)"
+# The bundle's newest prediction for an image: at most a few rows, found through the unique index on
+# (image, bundle, job) as an index probe per listed row whatever the planner thinks of the table.
+_NEWEST = (
+    "SELECT id, job_id FROM predictions WHERE image_id = u.id AND bundle_id = %(bundle_id)s{only_job} "
+    "ORDER BY id DESC LIMIT 1"
 )
 
 
-def _register_sql(scored: str) -> str:
-    """The register upsert; ``scored`` says whether a listed row (``s``) already has the bundle's prediction.
-
-    The inserted state tells the upsert what to do with an existing image: REQUEUE_COLUMNS are set only
-    where it says queued; an image the bundle already scored is marked scored and keeps its own.
-    """
-    values = {name: f"src.{name}" for name in LISTED_COLUMNS} | _scalars(images, REGISTER_SHARED)
-    values["state"] = f"CASE WHEN scored THEN '{ImageStatus.scored.value}' ELSE {values['state']} END"
-    requeue = f"excluded.state = '{ImageStatus.queued.value}'"
-    updates = _set_list(
-        [f"{name} = excluded.{name}" for name in LISTING_COLUMNS]
-        + [f"{name} = CASE WHEN {requeue} THEN excluded.{name} ELSE i.{name} END" for name in REQUEUE_COLUMNS]
-    )
+def _register_sql(*, rescore: bool) -> str:
+    """Upsert the listed images, then their memberships of the job; returns the ordinals of those the
+    bundle already scored (with ``rescore``, only in this job), which join the job as scored."""
+    newest = _NEWEST.format(only_job=" AND job_id = %(job_id)s::int8" if rescore else "")
+    member = {
+        "job_id": _scalar("job_id"),
+        "image_id": "image_id",
+        "state": f"CASE WHEN prediction_id IS NULL THEN '{ImageStatus.queued.value}' "
+        f"ELSE '{ImageStatus.scored.value}' END",
+        "attempts": "0",
+        "failure_reason": "NULL",
+        "failure_detail": "NULL",
+        "prediction_id": "prediction_id",
+        "reused": "prediction_id IS NOT NULL AND made_by IS DISTINCT FROM %(job_id)s::int8",
+        "updated_at": _scalar("updated_at"),
+    }
+    assert tuple(member) == MEMBER_COLUMNS
     return f"""
 WITH src AS MATERIALIZED (
-    SELECT s.*, {scored} AS scored
-    FROM unnest({_arrays(images, LISTED_COLUMNS)}) WITH ORDINALITY AS s({", ".join(LISTED_COLUMNS)}, ord)
+    SELECT * FROM unnest({_arrays(LISTED_COLUMNS)}) WITH ORDINALITY AS s({", ".join(LISTED_COLUMNS)}, ord)
 ),
 upserted AS (
-    INSERT INTO images AS i ({", ".join(values)})
-    SELECT {", ".join(values.values())}
+    INSERT INTO images AS i ({", ".join(LISTED_COLUMNS)}, updated_at)
+    SELECT {", ".join(LISTED_COLUMNS)}, {_scalar("updated_at")}
     FROM src
     ON CONFLICT (uri) DO UPDATE SET
-        {updates}
+        {_set_list(f"{name} = excluded.{name}" for name in LISTING_COLUMNS)}
+    RETURNING i.id, i.uri
+),
+resolved AS MATERIALIZED (
+    SELECT src.ord, u.id AS image_id, p.id AS prediction_id, p.job_id AS made_by
+    FROM src
+    JOIN upserted AS u ON u.uri = src.uri
+    LEFT JOIN LATERAL ({newest}) AS p ON true
+),
+members AS (
+    INSERT INTO job_images AS m ({", ".join(MEMBER_COLUMNS)})
+    SELECT {", ".join(member.values())}
+    FROM resolved
+    ON CONFLICT ({", ".join(MEMBER_KEY)}) DO UPDATE SET
+        {_set_list(f"{name} = excluded.{name}" for name in MEMBER_UPDATES)}
 )
-SELECT ord FROM src WHERE scored
+SELECT ord FROM resolved WHERE prediction_id IS NOT NULL
 """
 
 
-_REGISTER = _register_sql(_SCORED)
-_RESCORE = _register_sql("false")
+_REGISTER = _register_sql(rescore=False)
+_RESCORE = _register_sql(rescore=True)
 
 
 def register_rows(
     conn: Connection,
     rows: Sequence[dict[str, Any]],
-    shared: dict[str, Any],
+    job_id: int,
     bundle_id: str,
+    now: datetime,
     *,
     rescore: bool,
 ) -> list[str]:
-    """Upsert one batch of listed images (``db.rows.register_row``, one per URI, and what they share);
-    returns the URIs to score, in order."""
-    params = {**_columns(rows, LISTED_COLUMNS), **shared, "bundle_id": bundle_id}
+    """Upsert one batch of listed images (``db.rows.register_row``, one per URI) and their memberships
+    of ``job_id``; returns the URIs to score, in order."""
+    params = {**_columns(rows, LISTED_COLUMNS), "job_id": job_id, "bundle_id": bundle_id, "updated_at": now}
     # Never a prepared statement: PostgreSQL could settle on a generic plan made while predictions was
     # empty, and a re-listed archive then registered at 69 rows/s (each probe a scan of all predictions).
     driver = conn.connection.driver_connection
@@ -134,21 +156,31 @@ def register_rows(
 def _write_chunk_sql() -> str:
     # Upserting the chunk's images makes every image an index lookup through the arbiter index whatever
     # the planner's statistics say (an UPDATE ... FROM join can turn into a scan of the whole table).
-    image_values = {name: f"src.{name}" for name in RESULT_IMAGE_COLUMNS} | _scalars(
-        images, RESULT_IMAGE_SHARED
-    )
+    source = (*RESULT_IMAGE_COLUMNS, *RESULT_MEMBER_COLUMNS)
+    image_values = {name: f"src.{name}" for name in RESULT_IMAGE_COLUMNS} | {
+        "updated_at": _scalar("updated_at")
+    }
     excluded = sa.table("excluded", *(sa.column(name) for name in image_values))
-    image_updates = result_image_updates(sa.bindparam("job_id"), excluded.c, images.alias("i"))
+    image_updates = result_image_updates(excluded.c, images.alias("i"))
     prediction_values = {
         "image_id": "ids.id",
-        **_scalars(predictions, PREDICTION_SHARED),
+        **{name: _scalar(name) for name in PREDICTION_SHARED},
         **{name: f"scores.{name}" for name in SCORE_COLUMNS},
+    }
+    member = {
+        "job_id": _scalar("job_id"),
+        "image_id": "ids.id",
+        **{name: f"src.{name}" for name in RESULT_MEMBER_COLUMNS},
+        "attempts": "0",
+        "prediction_id": "written.id",
+        "reused": "false",
+        "updated_at": _scalar("updated_at"),
     }
     return f"""
 WITH src AS MATERIALIZED (
-    SELECT * FROM unnest({_arrays(images, RESULT_IMAGE_COLUMNS)}) AS s({", ".join(RESULT_IMAGE_COLUMNS)})
+    SELECT * FROM unnest({_arrays(source)}) AS s({", ".join(source)})
 ),
-images_written AS (
+ids AS (
     INSERT INTO images AS i ({", ".join(image_values)})
     SELECT {", ".join(image_values.values())}
     FROM src
@@ -157,15 +189,27 @@ images_written AS (
     RETURNING i.id, i.uri
 ),
 scores AS (
-    SELECT * FROM unnest(%(scored_uri)b::text[], {_arrays(predictions, SCORE_COLUMNS)})
+    SELECT * FROM unnest(%(scored_uri)b::text[], {_arrays(SCORE_COLUMNS)})
         AS s(uri, {", ".join(SCORE_COLUMNS)})
-)
-INSERT INTO predictions AS p ({", ".join(PREDICTION_COLUMNS)})
-SELECT {", ".join(prediction_values[name] for name in PREDICTION_COLUMNS)}
-FROM images_written AS ids
-JOIN scores ON scores.uri = ids.uri
-ON CONFLICT ({", ".join(PREDICTION_KEY)}) DO UPDATE SET
+),
+written AS (
+    INSERT INTO predictions AS p ({", ".join(PREDICTION_COLUMNS)})
+    SELECT {", ".join(prediction_values[name] for name in PREDICTION_COLUMNS)}
+    FROM ids
+    JOIN scores ON scores.uri = ids.uri
+    ON CONFLICT ({", ".join(PREDICTION_KEY)}) DO UPDATE SET
         {_set_list(f"{name} = excluded.{name}" for name in PREDICTION_UPDATES)}
+    RETURNING p.id, p.image_id
+)
+INSERT INTO job_images AS m ({", ".join(member)})
+SELECT {", ".join(member.values())}
+FROM ids
+JOIN src ON src.uri = ids.uri
+LEFT JOIN written ON written.image_id = ids.id
+WHERE EXISTS (SELECT 1 FROM scan_jobs WHERE id = %(job_id)s::int8 AND bundle_id = %(bundle_id)s)
+ON CONFLICT ({", ".join(MEMBER_KEY)}) DO UPDATE SET
+        {_set_list(f"{name} = excluded.{name}" for name in RESULT_MEMBER_UPDATES)}
+    WHERE m.state <> '{ImageStatus.cancelled.value}'
 """
 
 
@@ -175,23 +219,23 @@ _WRITE_CHUNK = _write_chunk_sql()
 def write_chunk(
     conn: Connection,
     image_rows: Sequence[dict[str, Any]],
-    image_shared: dict[str, Any],
+    member_rows: Sequence[dict[str, Any]],
     scores: dict[str, dict[str, Any]],
     prediction_shared: dict[str, Any],
 ) -> None:
-    """One statement: upsert the chunk's images (an unknown URI is created), then the scored ones'
-    predictions (``scores`` by URI); each with the values the whole chunk shares.
+    """One statement: upsert the chunk's images (an unknown URI is created), the scored ones' predictions
+    (``scores`` by URI) and every image's membership of the job (``member_rows``, in the images' order).
 
-    An image listed again by another job since this chunk was sent keeps that job's state; only its
-    metadata is filled in.
+    A membership the job's closing cancelled keeps its state; the prediction is still stored.
     """
     score_rows = list(scores.values())
     params: dict[str, Any] = {
         **_columns(image_rows, RESULT_IMAGE_COLUMNS),
-        **image_shared,
+        **_columns(member_rows, RESULT_MEMBER_COLUMNS),
         "scored_uri": list(scores),
         **_columns(score_rows, SCORE_COLUMNS),
         **prediction_shared,
+        "updated_at": prediction_shared["scored_at"],
     }
     params["thresholds"] = _json_texts(params["thresholds"])
     conn.exec_driver_sql(_WRITE_CHUNK, params)

@@ -1,7 +1,8 @@
 """Read side of the results database: job progress, flagged images, streamed exports, per-image audit.
 
-A job's images are those whose ``last_job_id`` is the job; their result is the prediction made by the
-job's bundle. Exports stream rows with a server-side cursor so memory stays flat for millions of images.
+A job's images are its members (``job_images``), each with the state it reached in that job and the
+prediction it resolved to, so a job reads the same forever, whatever later jobs do. Exports stream rows
+with a server-side cursor so memory stays flat for millions of images.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from typing import Any, Literal, TextIO, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from db.jobs import runner_gone
 from db.models import as_utc, utcnow
-from db.tables import images, predictions, scan_jobs, uri_batches
+from db.tables import images, job_images, predictions, scan_jobs, uri_batches
 from deepcovid.defaults import IN_BATCH, RATE_WINDOW_S, STREAM_BATCH
 from deepcovid.networks import ARCHITECTURES
 from deepcovid.status import ImageStatus, JobStatus
@@ -29,9 +31,9 @@ R = TypeVar("R")
 # Columns of iter_results rows and of exports, in order, and where each comes from.
 _RESULT_COLUMNS: dict[str, sa.ColumnElement[Any]] = {
     "uri": images.c.uri,
-    "status": images.c.state,
-    "reason": images.c.failure_reason,
-    "detail": images.c.failure_detail,
+    "status": job_images.c.state,
+    "reason": job_images.c.failure_reason,
+    "detail": job_images.c.failure_detail,
     "ensemble_score": predictions.c.ensemble_score,
     "ensemble_decision": predictions.c.ensemble_decision,
     "disagreement": predictions.c.disagreement,
@@ -45,7 +47,8 @@ _RESULT_COLUMNS: dict[str, sa.ColumnElement[Any]] = {
     "sop_uid": images.c.sop_uid,
     "view": images.c.view,
     "size": images.c.size,
-    "attempts": images.c.attempt_count,
+    "attempts": job_images.c.attempts,
+    "reused": job_images.c.reused,
     "bundle_id": predictions.c.bundle_id,
     "scored_at": predictions.c.scored_at,
     "worker_host": predictions.c.worker_host,
@@ -72,7 +75,11 @@ class _StatusCount:
 
 @dataclass
 class JobProgress:
-    """Where a scan job stands: counts by image state, failures by reason, flagged, speed and ETA."""
+    """Where a scan job stands: counts by image state, failures by reason, flagged, speed and ETA.
+
+    ``state`` is what is true now: a running job whose ``screen`` process is gone reads ``interrupted``.
+    Only a running job has a rate and an ETA.
+    """
 
     job_id: int
     source: str
@@ -81,19 +88,22 @@ class JobProgress:
     state: JobStatus
     created_at: datetime
     finished_at: datetime | None
+    detail: str | None = None  # why it failed or was interrupted
+    runner: str | None = None
     total: int = 0
     counts: dict[str, int] = field(default_factory=dict)  # every ImageStatus value, zeros included
     failed_by_reason: dict[str, int] = field(default_factory=dict)
     flagged: int = 0
-    rate_per_s: float = 0.0  # images finished per second over the last minute
-    eta_s: float | None = None  # queued / rate; None while nothing has finished recently
+    reused: int = 0  # scored by an earlier job with the same bundle
+    rate_per_s: float | None = None  # images finished per second over the last minute, while running
+    eta_s: float | None = None  # queued / rate; None unless running with recent progress
     last_progress_at: datetime | None = None  # the newest change to one of its images, else its creation
     stalled: bool = False  # running, images queued, and no progress for longer than the stall window
 
     queued = _StatusCount(ImageStatus.queued)
     scored = _StatusCount(ImageStatus.scored)
     failed = _StatusCount(ImageStatus.failed)
-    skipped = _StatusCount(ImageStatus.skipped)
+    cancelled = _StatusCount(ImageStatus.cancelled)
 
     @property
     def done(self) -> int:
@@ -130,22 +140,23 @@ class PredictionRecord:
 
 @dataclass
 class ImageAudit:
-    """Everything recorded about one image: state, attempts, failure, and every bundle's prediction."""
+    """Everything recorded about one image: the file, each job's record of it, every prediction."""
 
     uri: str
     storage: str
-    state: ImageStatus
-    attempts: int
-    failure_reason: str | None
-    failure_detail: str | None
-    last_job_id: int | None
     updated_at: datetime | None
     size: int | None
     study_uid: str | None
     series_uid: str | None
     sop_uid: str | None
     view: str | None
+    jobs: list[Membership]
     predictions: list[PredictionRecord]
+
+    @property
+    def latest(self) -> Membership | None:
+        """Its record in the newest job that listed it."""
+        return self.jobs[0] if self.jobs else None
 
 
 def job_progress(engine: Engine, job_id: int, *, stall_after: float | None = None) -> JobProgress:
@@ -175,63 +186,68 @@ def list_jobs(
 
 
 def _progress(conn: Connection, job: sa.Row[Any], stall_after: float | None = None) -> JobProgress:
+    state = JobStatus(job.state)
+    detail = job.detail
+    if state is JobStatus.running and runner_gone(job.runner):
+        state, detail = JobStatus.interrupted, "its screen process is gone; run the same command again"
     progress = JobProgress(
         job_id=job.id,
         source=job.source,
         bundle_id=job.bundle_id,
         options=job.options or {},
-        state=JobStatus(job.state),
+        state=state,
         created_at=as_utc(job.created_at),
         finished_at=as_utc(job.finished_at),
+        detail=detail,
+        runner=job.runner,
     )
-    of_job = images.c.last_job_id == job.id
+    of_job = job_images.c.job_id == job.id
     counts = {state.value: 0 for state in ImageStatus}
-    for state, count in conn.execute(
-        sa.select(images.c.state, sa.func.count()).where(of_job).group_by(images.c.state)
+    for image_state, count in conn.execute(
+        sa.select(job_images.c.state, sa.func.count()).where(of_job).group_by(job_images.c.state)
     ):
-        counts[ImageStatus(state).value] = count
+        counts[ImageStatus(image_state).value] = count
     progress.counts = counts
     progress.total = sum(counts.values())
     progress.failed_by_reason = {
         reason or "unknown": count
         for reason, count in conn.execute(
-            sa.select(images.c.failure_reason, sa.func.count())
-            .where(of_job, images.c.state == ImageStatus.failed)
-            .group_by(images.c.failure_reason)
+            sa.select(job_images.c.failure_reason, sa.func.count())
+            .where(of_job, job_images.c.state == ImageStatus.failed)
+            .group_by(job_images.c.failure_reason)
             .order_by(sa.func.count().desc())
         )
     }
     progress.flagged = conn.execute(
         sa.select(sa.func.count())
-        .select_from(images.join(predictions, predictions.c.image_id == images.c.id))
-        .where(
-            of_job,
-            images.c.state == ImageStatus.scored,
-            predictions.c.bundle_id == job.bundle_id,
-            predictions.c.ensemble_decision.is_(True),
-        )
+        .select_from(job_images.join(predictions, predictions.c.id == job_images.c.prediction_id))
+        .where(of_job, job_images.c.state == ImageStatus.scored, predictions.c.ensemble_decision.is_(True))
+    ).scalar_one()
+    progress.reused = conn.execute(
+        sa.select(sa.func.count()).where(of_job, job_images.c.reused.is_(True))
     ).scalar_one()
 
     now = utcnow()
+    newest = conn.execute(sa.select(sa.func.max(job_images.c.updated_at)).where(of_job)).scalar()
+    progress.last_progress_at = max(progress.created_at, as_utc(newest) or progress.created_at)
+    if state is not JobStatus.running:
+        return progress
     recent = conn.execute(
         sa.select(sa.func.count()).where(
             of_job,
-            images.c.state.in_([ImageStatus.scored, ImageStatus.failed]),
-            images.c.updated_at >= now - timedelta(seconds=RATE_WINDOW_S),
+            job_images.c.state.in_([ImageStatus.scored, ImageStatus.failed]),
+            job_images.c.reused.is_(False),
+            job_images.c.updated_at >= now - timedelta(seconds=RATE_WINDOW_S),
         )
     ).scalar_one()
-    end = progress.finished_at or now
-    window = min(RATE_WINDOW_S, max((end - progress.created_at).total_seconds(), 1.0))
-    progress.rate_per_s = recent / window if progress.finished_at is None else 0.0
+    window = min(RATE_WINDOW_S, max((now - progress.created_at).total_seconds(), 1.0))
+    progress.rate_per_s = recent / window
     if progress.queued and progress.rate_per_s > 0:
         progress.eta_s = progress.queued / progress.rate_per_s
     elif not progress.queued:
         progress.eta_s = 0.0
-    newest = conn.execute(sa.select(sa.func.max(images.c.updated_at)).where(of_job)).scalar()
-    progress.last_progress_at = max(progress.created_at, as_utc(newest) or progress.created_at)
     progress.stalled = (
         stall_after is not None
-        and progress.state is JobStatus.running
         and progress.queued > 0
         and (now - progress.last_progress_at).total_seconds() > stall_after
     )
@@ -249,12 +265,27 @@ def _probabilities(row: Any) -> dict[str, float | None]:
     return {arch: getattr(row, f"{arch}_probability") for arch in ARCHITECTURES}
 
 
+def _members(job_id: int) -> sa.Select[Any]:
+    """The job's images joined to their memberships and the predictions they resolved to."""
+    joined = job_images.join(images, images.c.id == job_images.c.image_id).outerjoin(
+        predictions, predictions.c.id == job_images.c.prediction_id
+    )
+    return sa.select().select_from(joined).where(job_images.c.job_id == job_id)
+
+
+def _flagged(stmt: sa.Select[Any]) -> sa.Select[Any]:
+    """Only the flagged images, the most suspicious first: the order a reviewer works in."""
+    return stmt.where(
+        job_images.c.state == ImageStatus.scored, predictions.c.ensemble_decision.is_(True)
+    ).order_by(predictions.c.ensemble_score.desc(), images.c.id)
+
+
 def flagged_images(engine: Engine, job_id: int, limit: int | None = None) -> list[FlaggedImage]:
     """The job's images the ensemble flagged, highest ensemble score first."""
     with engine.connect() as conn:
-        bundle_id = _job_bundle(conn, job_id)
-        stmt = (
-            sa.select(
+        _job_bundle(conn, job_id)
+        stmt = _flagged(
+            _members(job_id).add_columns(
                 images.c.uri,
                 images.c.study_uid,
                 images.c.series_uid,
@@ -262,14 +293,6 @@ def flagged_images(engine: Engine, job_id: int, limit: int | None = None) -> lis
                 images.c.view,
                 predictions,
             )
-            .select_from(images.join(predictions, predictions.c.image_id == images.c.id))
-            .where(
-                images.c.last_job_id == job_id,
-                images.c.state == ImageStatus.scored,
-                predictions.c.bundle_id == bundle_id,
-                predictions.c.ensemble_decision.is_(True),
-            )
-            .order_by(predictions.c.ensemble_score.desc(), images.c.uri)
         )
         if limit is not None:
             stmt = stmt.limit(limit)
@@ -279,29 +302,16 @@ def flagged_images(engine: Engine, job_id: int, limit: int | None = None) -> lis
 def iter_results(
     engine: Engine, job_id: int, flagged_only: bool = False, *, batch_size: int = STREAM_BATCH
 ) -> Iterator[dict[str, Any]]:
-    """Every image of the job (scored, failed, queued, skipped) as a dict keyed by RESULT_FIELDS, in
+    """Every image of the job (scored, failed, queued, cancelled) as a dict keyed by RESULT_FIELDS, in
     registration order; ``flagged_only``: the flagged images, highest ensemble score first.
 
     Streams: rows come from a server-side cursor ``batch_size`` at a time, so memory does not grow
     with the job. Keep the iterator short-lived: it holds a connection until exhausted or closed.
     """
     with engine.connect() as conn:
-        bundle_id = _job_bundle(conn, job_id)
-        joined = images.outerjoin(
-            predictions,
-            sa.and_(predictions.c.image_id == images.c.id, predictions.c.bundle_id == bundle_id),
-        )
-        stmt = (
-            sa.select(*(column.label(name) for name, column in _RESULT_COLUMNS.items()))
-            .select_from(joined)
-            .where(images.c.last_job_id == job_id)
-        )
-        if flagged_only:  # the most suspicious first: the order a reviewer works in
-            stmt = stmt.where(
-                images.c.state == ImageStatus.scored, predictions.c.ensemble_decision.is_(True)
-            ).order_by(predictions.c.ensemble_score.desc(), images.c.id)
-        else:
-            stmt = stmt.order_by(images.c.id)
+        _job_bundle(conn, job_id)
+        stmt = _members(job_id).add_columns(*(column.label(name) for name, column in _RESULT_COLUMNS.items()))
+        stmt = _flagged(stmt) if flagged_only else stmt.order_by(images.c.id)
         result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(stmt)
         for row in result:
             out = dict(zip(RESULT_FIELDS, row, strict=True))
@@ -362,22 +372,37 @@ def _json_value(value: Any) -> Any:
 
 
 def chunk_state(engine: Engine, job_id: int, uris: Sequence[str]) -> dict[str, tuple[bool, int]]:
-    """For each registered URI: (already finished in this job, attempt count so far)."""
+    """For each of these URIs the job has: (no longer queued in it, its attempt count there)."""
     out: dict[str, tuple[bool, int]] = {}
     with engine.connect() as conn:
         for listed in uri_batches(conn.dialect.name, uris, IN_BATCH):
             rows = conn.execute(
-                sa.select(images.c.uri, images.c.state, images.c.attempt_count, images.c.last_job_id).where(
-                    listed
-                )
+                sa.select(images.c.uri, job_images.c.state, job_images.c.attempts)
+                .select_from(job_images.join(images, images.c.id == job_images.c.image_id))
+                .where(job_images.c.job_id == job_id, listed)
             )
-            for uri, state, attempts, last_job_id in rows:
-                out[uri] = (state.finished and last_job_id == job_id, int(attempts or 0))
+            for uri, state, attempts in rows:
+                out[uri] = (state is not ImageStatus.queued, int(attempts or 0))
     return out
 
 
+@dataclass
+class Membership:
+    """One job's record of an image: its state there and the prediction it resolved to."""
+
+    job_id: int
+    state: ImageStatus
+    attempts: int
+    failure_reason: str | None
+    failure_detail: str | None
+    prediction_id: int | None
+    reused: bool
+    updated_at: datetime | None
+
+
 def image_audit(engine: Engine, uri: str) -> ImageAudit | None:
-    """What the database knows about one image (None when it was never registered)."""
+    """What the database knows about one image (None when it was never registered): every job it was
+    in, newest first, and every prediction made of it."""
     with engine.connect() as conn:
         image = conn.execute(sa.select(images).where(images.c.uri == uri)).one_or_none()
         if image is None:
@@ -387,16 +412,18 @@ def image_audit(engine: Engine, uri: str) -> ImageAudit | None:
             for row in conn.execute(
                 sa.select(predictions)
                 .where(predictions.c.image_id == image.id)
-                .order_by(predictions.c.scored_at.desc())
+                .order_by(predictions.c.scored_at.desc(), predictions.c.id.desc())
             )
         ]
-    return _record(
-        ImageAudit,
-        image,
-        attempts=image.attempt_count,
-        updated_at=as_utc(image.updated_at),
-        predictions=records,
-    )
+        jobs = [
+            _record(Membership, row, state=ImageStatus(row.state), updated_at=as_utc(row.updated_at))
+            for row in conn.execute(
+                sa.select(job_images)
+                .where(job_images.c.image_id == image.id)
+                .order_by(job_images.c.job_id.desc())
+            )
+        ]
+    return _record(ImageAudit, image, updated_at=as_utc(image.updated_at), jobs=jobs, predictions=records)
 
 
 def _record(cls: type[R], row: sa.Row[Any], **computed: Any) -> R:

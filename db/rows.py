@@ -15,7 +15,6 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.sql.base import ReadOnlyColumnCollection
 
-from db.tables import held_by
 from deepcovid.dicomfields import DICOM_COLUMNS, dicom_columns
 from deepcovid.networks import ARCHITECTURES
 from deepcovid.results import ImageResult
@@ -36,19 +35,29 @@ class ImageRef:
 # Each write's columns come in two groups: values of each image (sent as rows, or PostgreSQL arrays) and
 # values shared by the whole batch (merged into each row on SQLite, single parameters on PostgreSQL).
 
-# Registering a listing.
+# Registering a listing: the images' own rows; an existing image gets fresh LISTING_COLUMNS.
 LISTED_COLUMNS = ("uri", "storage", "size", "mtime", "etag")
-REGISTER_SHARED = ("last_job_id", "state", "attempt_count", "failure_reason", "failure_detail", "updated_at")
-# Registering refreshes these on every listed image; it sets REQUEUE_COLUMNS only on images to score.
-LISTING_COLUMNS = ("storage", "size", "mtime", "etag", "last_job_id")
-REQUEUE_COLUMNS = ("state", "attempt_count", "failure_reason", "failure_detail", "updated_at")
+LISTING_COLUMNS = ("storage", "size", "mtime", "etag", "updated_at")
 
-# Storing a scored chunk: its images' rows.
-RESULT_IMAGE_COLUMNS = ("uri", "storage", "size", "state", "failure_reason", "failure_detail", *DICOM_COLUMNS)
-RESULT_IMAGE_SHARED = ("attempt_count", "last_job_id", "updated_at")
-# A result sets these only on an image its job holds (db.tables.held_by); another job's image keeps its own.
-HELD_COLUMNS = ("state", "failure_reason", "failure_detail", "updated_at")
-# What any result learnt about the file fills these in, whichever job holds the image.
+# An image's membership of a job. Listing it (again) sets every column but the key; a result sets
+# RESULT_MEMBER_COLUMNS and what it resolved to, and leaves the attempt count as the worker kept it.
+MEMBER_KEY = ("job_id", "image_id")
+MEMBER_COLUMNS = (
+    *MEMBER_KEY,
+    "state",
+    "attempts",
+    "failure_reason",
+    "failure_detail",
+    "prediction_id",
+    "reused",
+    "updated_at",
+)
+MEMBER_UPDATES = tuple(column for column in MEMBER_COLUMNS if column not in MEMBER_KEY)
+RESULT_MEMBER_COLUMNS = ("state", "failure_reason", "failure_detail")
+RESULT_MEMBER_UPDATES = (*RESULT_MEMBER_COLUMNS, "prediction_id", "reused", "updated_at")
+
+# Storing a scored chunk: its images' rows. What any result learnt about the file fills KNOWN_COLUMNS in.
+RESULT_IMAGE_COLUMNS = ("uri", "storage", "size", *DICOM_COLUMNS)
 KNOWN_COLUMNS = ("size", *DICOM_COLUMNS)
 
 # Storing a scored chunk: its predictions (the image id comes from the images' upsert).
@@ -62,8 +71,8 @@ SCORE_COLUMNS = (
 )
 PREDICTION_SHARED = ("bundle_id", "job_id", "scored_at", "worker_host", "device")
 PREDICTION_COLUMNS = ("image_id", *PREDICTION_SHARED, *SCORE_COLUMNS)
-# A prediction is unique on its image and bundle; writing it again replaces every other column.
-PREDICTION_KEY = ("image_id", "bundle_id")
+# A prediction is unique on its image, bundle and job; writing it again replaces every other column.
+PREDICTION_KEY = ("image_id", "bundle_id", "job_id")
 PREDICTION_UPDATES = tuple(column for column in PREDICTION_COLUMNS if column not in PREDICTION_KEY)
 
 
@@ -82,35 +91,43 @@ def register_row(ref: ImageRef) -> dict[str, Any]:
     }
 
 
-def register_shared(job_id: int, now: datetime) -> dict[str, Any]:
-    """What registering sets on a batch of images, keyed by REGISTER_SHARED: queued afresh for ``job_id``."""
+def member_row(
+    job_id: int, image_id: int, resolved: tuple[int, int | None] | None, now: datetime
+) -> dict[str, Any]:
+    """A listed image's membership, keyed by MEMBER_COLUMNS: queued afresh, or scored already when
+    ``resolved`` gives the (prediction id, its job) the bundle made; reused when another job made it."""
+    prediction_id, made_by = resolved if resolved is not None else (None, None)
     return {
-        "last_job_id": job_id,
-        "state": ImageStatus.queued,
-        "attempt_count": 0,
+        "job_id": job_id,
+        "image_id": image_id,
+        "state": ImageStatus.queued if prediction_id is None else ImageStatus.scored,
+        "attempts": 0,
         "failure_reason": None,
         "failure_detail": None,
+        "prediction_id": prediction_id,
+        "reused": prediction_id is not None and made_by != job_id,
         "updated_at": now,
     }
 
 
 def result_image_row(result: ImageResult) -> dict[str, Any]:
-    """The image values a scored or failed result leaves, keyed by RESULT_IMAGE_COLUMNS."""
-    scored = result.scored
+    """What a scored or failed result learnt about its file, keyed by RESULT_IMAGE_COLUMNS."""
     return {
         "uri": result.uri,
         "storage": storage_kind(result.uri),
         "size": result.size,
-        "state": ImageStatus.scored if scored else ImageStatus.failed,
-        "failure_reason": None if scored else (result.reason or "internal_error"),
-        "failure_detail": None if scored else (result.detail or None),
         **dicom_columns(result.info),
     }
 
 
-def result_image_shared(job_id: int, now: datetime) -> dict[str, Any]:
-    """What a chunk's results set on all its images, keyed by RESULT_IMAGE_SHARED."""
-    return {"attempt_count": 0, "last_job_id": job_id, "updated_at": now}
+def result_member_row(result: ImageResult) -> dict[str, Any]:
+    """Where a result leaves its image in the job, keyed by RESULT_MEMBER_COLUMNS."""
+    scored = result.scored
+    return {
+        "state": ImageStatus.scored if scored else ImageStatus.failed,
+        "failure_reason": None if scored else (result.reason or "internal_error"),
+        "failure_detail": None if scored else (result.detail or None),
+    }
 
 
 def score_row(result: ImageResult) -> dict[str, Any]:
@@ -157,11 +174,11 @@ def as_bool(value: Any) -> bool | None:
 
 
 def result_image_updates(
-    job_id: Any, new: ReadOnlyColumnCollection[str, Any], existing: sa.FromClause
+    new: ReadOnlyColumnCollection[str, Any], existing: sa.FromClause
 ) -> dict[str, sa.ColumnElement[Any]]:
-    """The SET list when a result's image row (``new``) meets the stored one (``existing``)."""
-    held = held_by(job_id, existing)
+    """The SET list when a result's image row (``new``) meets the stored one (``existing``): what the
+    result learnt fills in, and nothing it did not learn is forgotten."""
     return {
-        **{column: sa.case((held, new[column]), else_=existing.c[column]) for column in HELD_COLUMNS},
         **{column: sa.func.coalesce(new[column], existing.c[column]) for column in KNOWN_COLUMNS},
+        "updated_at": new["updated_at"],
     }

@@ -11,21 +11,13 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from db.models import BundleRecord, Image, Prediction, ScanJob
+from db.models import BundleRecord, Image, JobImage, Prediction, ScanJob
 
 images = Image.__table__
 predictions = Prediction.__table__
 scan_jobs = ScanJob.__table__
+job_images = JobImage.__table__
 bundles = BundleRecord.__table__
-
-
-def held_by(job_id: Any, table: sa.FromClause = images) -> sa.ColumnElement[bool]:
-    """An image whose state the job may set: attached to that job, or to none (its result created it).
-
-    An image listed again by a newer job since belongs to that job; an older job's late result must not
-    change its state.
-    """
-    return sa.or_(table.c.last_job_id.is_(None), table.c.last_job_id == job_id)
 
 
 def uri_in(dialect: str, uris: Sequence[str]) -> sa.ColumnElement[bool]:

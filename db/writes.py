@@ -11,7 +11,8 @@ batched multi-row ``INSERT ... ON CONFLICT`` (the "insertmanyvalues" mode) here.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from functools import cache, lru_cache
+from datetime import datetime
+from functools import cache
 from typing import Any
 
 import sqlalchemy as sa
@@ -22,22 +23,25 @@ from db.engine import writer
 from db.models import utcnow
 from db.rows import (
     LISTING_COLUMNS,
+    MEMBER_KEY,
+    MEMBER_UPDATES,
     PREDICTION_KEY,
     PREDICTION_UPDATES,
-    REQUEUE_COLUMNS,
+    RESULT_MEMBER_UPDATES,
     ImageRef,
+    member_row,
     prediction_shared,
     register_row,
-    register_shared,
     result_image_row,
-    result_image_shared,
     result_image_updates,
+    result_member_row,
     score_row,
 )
-from db.tables import dialect_insert, images, predictions, uri_batches
+from db.tables import dialect_insert, images, job_images, predictions, scan_jobs, uri_batches
 from deepcovid.chunking import batched
 from deepcovid.defaults import IN_BATCH, REGISTER_BATCH
 from deepcovid.results import ImageResult
+from deepcovid.status import ImageStatus
 
 
 def register_images(
@@ -49,24 +53,25 @@ def register_images(
     rescore: bool = False,
     batch_size: int = REGISTER_BATCH,
 ) -> list[str]:
-    """Attach listed images to a job and return the URIs that need scoring, in listing order.
+    """Make listed images members of a job and return the URIs that need scoring, in listing order.
 
-    Every image gets ``last_job_id = job_id`` and fresh size/mtime/ETag. Images that already have a
-    prediction from ``bundle_id`` keep their state and are not returned (unless ``rescore``); the rest
-    go back to ``queued`` with their attempt count reset.
+    Every image gets fresh size/mtime/ETag. One the bundle has already scored joins the job as scored,
+    with that prediction (marked reused when an earlier job made it), unless ``rescore``: then only this
+    job's own predictions count, so resuming a rescoring job does not start over. The rest are queued.
+    Other jobs' memberships are never touched.
     """
     to_enqueue: list[str] = []
     for batch in batched(refs, batch_size):
         # One row per URI: ON CONFLICT cannot touch the same row twice in one statement.
         rows = {ref.uri: register_row(ref) for ref in batch}
-        shared = register_shared(job_id, utcnow())
+        now = utcnow()
         with writer(engine).begin() as conn:
             if conn.dialect.name == "postgresql":
                 registered = postgres.register_rows(
-                    conn, list(rows.values()), shared, bundle_id, rescore=rescore
+                    conn, list(rows.values()), job_id, bundle_id, now, rescore=rescore
                 )
             else:
-                registered = _register_rows(conn, rows, shared, bundle_id, rescore=rescore)
+                registered = _register_rows(conn, rows, job_id, bundle_id, now, rescore=rescore)
             to_enqueue.extend(registered)
     return to_enqueue
 
@@ -74,56 +79,91 @@ def register_images(
 def _register_rows(
     conn: Connection,
     rows: dict[str, dict[str, Any]],
-    shared: dict[str, Any],
+    job_id: int,
     bundle_id: str,
+    now: datetime,
     *,
     rescore: bool,
 ) -> list[str]:
-    # Which of these already have this bundle's prediction: index lookups, so the cost does not grow with
-    # the number of predictions stored (a correlated NOT EXISTS inside the upsert got hashed over all).
-    scored = set() if rescore else _already_scored(conn, list(rows), bundle_id)
-    requeued = [{**shared, **row} for uri, row in rows.items() if uri not in scored]
-    kept = [{**shared, **row} for uri, row in rows.items() if uri in scored]
-    if requeued:
-        conn.execute(_register_statement(conn.dialect.name, requeue=True), requeued)
-    if kept:
-        conn.execute(_register_statement(conn.dialect.name, requeue=False), kept)
-    return [row["uri"] for row in requeued]
+    stamped = [{**row, "updated_at": now} for row in rows.values()]
+    ids = dict(conn.execute(_register_statement(conn.dialect.name), stamped).all())
+    # Index lookups, so the cost does not grow with the number of predictions stored.
+    resolved = _resolved(conn, list(ids.values()), bundle_id, job_id if rescore else None)
+    members = [member_row(job_id, ids[uri], resolved.get(ids[uri]), now) for uri in rows]
+    conn.execute(_member_statement(conn.dialect.name), members)
+    return [uri for uri in rows if ids[uri] not in resolved]
 
 
-def _already_scored(conn: Connection, uris: list[str], bundle_id: str) -> set[str]:
-    found: set[str] = set()
-    for listed in uri_batches(conn.dialect.name, uris, REGISTER_BATCH):
+def _resolved(
+    conn: Connection, image_ids: list[int], bundle_id: str, only_job: int | None
+) -> dict[int, tuple[int, int | None]]:
+    """image id -> (id, job) of the bundle's newest prediction for it (only ``only_job``'s when given)."""
+    found: dict[int, tuple[int, int | None]] = {}
+    for start in range(0, len(image_ids), IN_BATCH):
         stmt = (
-            sa.select(images.c.uri)
-            .select_from(images.join(predictions, predictions.c.image_id == images.c.id))
-            .where(predictions.c.bundle_id == bundle_id, listed)
+            sa.select(predictions.c.image_id, predictions.c.id, predictions.c.job_id)
+            .where(
+                predictions.c.bundle_id == bundle_id,
+                predictions.c.image_id.in_(image_ids[start : start + IN_BATCH]),
+            )
+            .order_by(predictions.c.id)
         )
-        found.update(conn.execute(stmt).scalars())
+        if only_job is not None:
+            stmt = stmt.where(predictions.c.job_id == only_job)
+        for image_id, prediction_id, made_by in conn.execute(stmt):
+            found[image_id] = (prediction_id, made_by)
     return found
 
 
 @cache
-def _register_statement(dialect: str, *, requeue: bool) -> Any:
-    """Upsert listed images; ``requeue`` also puts existing ones back in the queue with no attempts."""
+def _register_statement(dialect: str) -> Any:
+    """Upsert listed images, refreshing what storage said about each; returns (uri, id)."""
     stmt = dialect_insert(dialect)(images)
-    refreshed = LISTING_COLUMNS + REQUEUE_COLUMNS if requeue else LISTING_COLUMNS
-    updated = {column: stmt.excluded[column] for column in refreshed}
-    return stmt.on_conflict_do_update(index_elements=[images.c.uri], set_=updated)
+    updated = {column: stmt.excluded[column] for column in LISTING_COLUMNS}
+    return stmt.on_conflict_do_update(index_elements=[images.c.uri], set_=updated).returning(
+        images.c.uri, images.c.id
+    )
 
 
-def record_attempts(engine: Engine, uris: Sequence[str]) -> dict[str, int]:
-    """Count one more delivery of these images; the worker fails an image that keeps killing workers."""
+@cache
+def _member_statement(dialect: str) -> Any:
+    """Upsert memberships; listing an image again in the same job starts it afresh (or resolved)."""
+    stmt = dialect_insert(dialect)(job_images)
+    updated = {column: stmt.excluded[column] for column in MEMBER_UPDATES}
+    return stmt.on_conflict_do_update(index_elements=list(MEMBER_KEY), set_=updated)
+
+
+def image_ids(conn: Connection, uris: Sequence[str]) -> dict[str, int]:
+    """uri -> image id for the registered ones."""
+    found: dict[str, int] = {}
+    for listed in uri_batches(conn.dialect.name, uris, IN_BATCH):
+        found.update(
+            {
+                uri: image_id
+                for uri, image_id in conn.execute(sa.select(images.c.uri, images.c.id).where(listed))
+            }
+        )
+    return found
+
+
+def record_attempts(engine: Engine, job_id: int, uris: Sequence[str]) -> dict[str, int]:
+    """Count one more delivery of these images in this job; the worker fails an image that keeps killing
+    workers."""
     counts: dict[str, int] = {}
     with writer(engine).begin() as conn:
-        for listed in uri_batches(conn.dialect.name, uris, IN_BATCH):
+        ids = image_ids(conn, uris)
+        uri_of = {image_id: uri for uri, image_id in ids.items()}
+        listed = list(uri_of)
+        for start in range(0, len(listed), IN_BATCH):
             stmt = (
-                sa.update(images)
-                .where(listed)
-                .values(attempt_count=images.c.attempt_count + 1)
-                .returning(images.c.uri, images.c.attempt_count)
+                sa.update(job_images)
+                .where(
+                    job_images.c.job_id == job_id, job_images.c.image_id.in_(listed[start : start + IN_BATCH])
+                )
+                .values(attempts=job_images.c.attempts + 1)
+                .returning(job_images.c.image_id, job_images.c.attempts)
             )
-            counts.update({uri: count for uri, count in conn.execute(stmt)})
+            counts.update({uri_of[image_id]: count for image_id, count in conn.execute(stmt)})
     return counts
 
 
@@ -136,10 +176,12 @@ def write_results(
     worker_host: str | None,
     device: str | None,
 ) -> None:
-    """Store one scored chunk in one transaction: predictions upserted on (image, bundle), image states.
+    """Store one scored chunk in one transaction: images, predictions upserted on (image, bundle, job),
+    and the images' states in the job.
 
-    Idempotent: the same chunk written twice leaves the same rows. Unknown URIs are created. An image
-    that has since been attached to another job keeps that job's state (its prediction is still kept).
+    Idempotent: the same chunk written twice leaves the same rows. Unknown URIs are created and join the
+    job. Only this job's memberships change, not those of images its closing cancelled, and only with
+    the job's own bundle (another bundle's predictions are stored, and the job does not take them).
     """
     if not results:
         return
@@ -149,28 +191,54 @@ def write_results(
         # Sorted so two transactions writing overlapping chunks lock their image rows in the same order.
         by_uri = {uri: by_uri[uri] for uri in sorted(by_uri)}
     image_rows = [result_image_row(result) for result in by_uri.values()]
+    member_rows = [result_member_row(result) for result in by_uri.values()]
     scores = {uri: score_row(result) for uri, result in by_uri.items() if result.scored}
-    image_shared = result_image_shared(job_id, now)
     shared = prediction_shared(
         bundle_id=bundle_id, job_id=job_id, now=now, worker_host=worker_host, device=device
     )
     with writer(engine).begin() as conn:
         if conn.dialect.name == "postgresql":
-            postgres.write_chunk(conn, image_rows, image_shared, scores, shared)
+            postgres.write_chunk(conn, image_rows, member_rows, scores, shared)
             return
-        image_rows = [{**image_shared, **row} for row in image_rows]
-        ids = dict(conn.execute(_result_images_statement(conn.dialect.name, job_id), image_rows).all())
+        stamped = [{**row, "updated_at": now} for row in image_rows]
+        ids = dict(conn.execute(_result_images_statement(conn.dialect.name), stamped).all())
+        prediction_ids: dict[int, int] = {}
         prediction_rows = [{"image_id": ids[uri], **shared, **row} for uri, row in scores.items()]
         if prediction_rows:
-            conn.execute(_predictions_statement(conn.dialect.name), prediction_rows)
+            prediction_ids = dict(
+                conn.execute(_predictions_statement(conn.dialect.name), prediction_rows).all()
+            )
+        if not _job_uses(conn, job_id, bundle_id):
+            return
+        members = [
+            {
+                "job_id": job_id,
+                "image_id": ids[uri],
+                **row,
+                "attempts": 0,
+                "prediction_id": prediction_ids.get(ids[uri]),
+                "reused": False,
+                "updated_at": now,
+            }
+            for uri, row in zip(by_uri, member_rows, strict=True)
+        ]
+        conn.execute(_result_members_statement(conn.dialect.name), members)
 
 
-@lru_cache(maxsize=64)
-def _result_images_statement(dialect: str, job_id: int) -> Any:
+def _job_uses(conn: Connection, job_id: int, bundle_id: str) -> bool:
+    return (
+        conn.execute(
+            sa.select(sa.literal(True)).where(scan_jobs.c.id == job_id, scan_jobs.c.bundle_id == bundle_id)
+        ).first()
+        is not None
+    )
+
+
+@cache
+def _result_images_statement(dialect: str) -> Any:
     stmt = dialect_insert(dialect)(images)
-    job = sa.bindparam("p_job_id", value=job_id, type_=images.c.last_job_id.type)
     return stmt.on_conflict_do_update(
-        index_elements=[images.c.uri], set_=result_image_updates(job, stmt.excluded, images)
+        index_elements=[images.c.uri], set_=result_image_updates(stmt.excluded, images)
     ).returning(images.c.uri, images.c.id)
 
 
@@ -178,4 +246,17 @@ def _result_images_statement(dialect: str, job_id: int) -> Any:
 def _predictions_statement(dialect: str) -> Any:
     stmt = dialect_insert(dialect)(predictions)
     updated = {column: stmt.excluded[column] for column in PREDICTION_UPDATES}
-    return stmt.on_conflict_do_update(index_elements=list(PREDICTION_KEY), set_=updated)
+    return stmt.on_conflict_do_update(index_elements=list(PREDICTION_KEY), set_=updated).returning(
+        predictions.c.image_id, predictions.c.id
+    )
+
+
+@cache
+def _result_members_statement(dialect: str) -> Any:
+    stmt = dialect_insert(dialect)(job_images)
+    updated = {column: stmt.excluded[column] for column in RESULT_MEMBER_UPDATES}
+    return stmt.on_conflict_do_update(
+        index_elements=list(MEMBER_KEY),
+        set_=updated,
+        where=job_images.c.state != ImageStatus.cancelled,
+    )

@@ -6,12 +6,13 @@ from enum import Enum
 
 
 class ImageStatus(str, Enum):
-    """An image's state in a job; a scoring result is ``scored`` or ``failed``."""
+    """An image's state in one job; a scoring result is ``scored`` or ``failed``, and an image a closed job
+    never finished is ``cancelled``."""
 
     queued = "queued"
     scored = "scored"
     failed = "failed"
-    skipped = "skipped"
+    cancelled = "cancelled"
 
     @property
     def finished(self) -> bool:
@@ -19,8 +20,14 @@ class ImageStatus(str, Enum):
 
 
 class JobStatus(str, Enum):
-    """A scan job's state."""
+    """A scan job's state: ``interrupted`` can be resumed; ``failed`` and ``cancelled`` are final."""
 
     running = "running"
     finished = "finished"
+    interrupted = "interrupted"
+    failed = "failed"
     cancelled = "cancelled"
+
+    @property
+    def resumable(self) -> bool:
+        return self in (JobStatus.running, JobStatus.interrupted)

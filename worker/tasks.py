@@ -244,7 +244,7 @@ def _score_isolated(chunk: _Chunk, todo: list[str], redelivered: bool, score: An
     max_attempts = chunk.settings.max_attempts
     for uri in todo:
         # Counted before scoring, so an image that kills the worker accumulates attempts.
-        attempts = record_attempts(chunk.engine, [uri]).get(uri, 0)
+        attempts = record_attempts(chunk.engine, job_id, [uri]).get(uri, 0)
         chunk.counted.add(uri)
         if redelivered and attempts >= max_attempts:
             log.error(
@@ -268,7 +268,7 @@ def _give_back(
     unfinished = [u for u in todo if u not in chunk.finished]
     try:
         uncounted = [u for u in unfinished if u not in chunk.counted]
-        attempts = record_attempts(chunk.engine, uncounted) if uncounted else {}
+        attempts = record_attempts(chunk.engine, job_id, uncounted) if uncounted else {}
         if chunk.counted:  # already counted when scored one at a time: read, not counted again
             counted = chunk_state(chunk.engine, job_id, [u for u in unfinished if u in chunk.counted])
             attempts.update({uri: count for uri, (_finished, count) in counted.items()})

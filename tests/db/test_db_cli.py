@@ -41,7 +41,7 @@ def test_current_upgrade_downgrade(cli: typer.Typer, empty_database_url: str) ->
 
     result = runner.invoke(cli, ["db", "downgrade", "--yes", "--url", empty_database_url, "--", "-1"])
     assert result.exit_code == 0, result.output
-    assert current(empty_database_url).current == ()
+    assert current(empty_database_url).current == ("0001",)
 
     result = runner.invoke(cli, ["db", "upgrade", "--revision", "0001", "--url", empty_database_url])
     assert result.exit_code == 0, result.output

@@ -10,7 +10,7 @@ from sqlalchemy.engine import Engine
 
 from db.engine import make_engine
 from db.jobs import create_job
-from db.models import Image, Prediction
+from db.models import JobImage, Prediction
 from db.rows import ImageRef
 from db.writes import record_attempts, register_images, write_results
 from deepcovid.results import ImageResult
@@ -31,7 +31,7 @@ def _worker(url: str, job_id: int, index: int, errors: multiprocessing.Queue) ->
                     engine, job_id, "b1", [ImageRef(uri=f"/late/{chunk}/{i}") for i in range(500)]
                 )
             register_images(engine, job_id, "b1", [ImageRef(uri=uri) for uri in uris])
-            assert record_attempts(engine, uris) == dict.fromkeys(uris, 1)
+            assert record_attempts(engine, job_id, uris) == dict.fromkeys(uris, 1)
             results = [
                 ImageResult(
                     uri=uri,
@@ -80,10 +80,10 @@ def test_concurrent_writers(migrated_url: str, migrated_engine: Engine) -> None:
         predictions = conn.execute(sa.select(sa.func.count()).select_from(Prediction.__table__)).scalar_one()
         states = dict(
             conn.execute(
-                sa.select(Image.__table__.c.state, sa.func.count()).group_by(Image.__table__.c.state)
+                sa.select(JobImage.__table__.c.state, sa.func.count()).group_by(JobImage.__table__.c.state)
             ).all()
         )
-        attempts = conn.execute(sa.select(sa.func.max(Image.__table__.c.attempt_count))).scalar_one()
+        attempts = conn.execute(sa.select(sa.func.max(JobImage.__table__.c.attempts))).scalar_one()
     assert predictions == PROCESSES * CHUNKS * CHUNK
     assert states[ImageStatus.scored] == PROCESSES * CHUNKS * CHUNK
     assert states[ImageStatus.queued] == CHUNKS * 500

@@ -62,7 +62,7 @@ def known_job(migrated_engine: Engine, make_scored: MakeScored) -> int:
 def test_job_progress(migrated_engine: Engine, known_job: int) -> None:
     progress = job_progress(migrated_engine, known_job)
     assert progress.total == 10
-    assert progress.counts == {"queued": 2, "scored": 5, "failed": 3, "skipped": 0}
+    assert progress.counts == {"queued": 2, "scored": 5, "failed": 3, "cancelled": 0}
     assert (progress.queued, progress.scored, progress.failed, progress.done) == (2, 5, 3, 8)
     assert progress.failed_by_reason == {"corrupt": 2, "not_found": 1}
     assert progress.flagged == 2
@@ -85,7 +85,9 @@ def test_progress_of_finished_job(migrated_engine: Engine, known_job: int, make_
     assert finish_job_if_done(migrated_engine, known_job)
     progress = job_progress(migrated_engine, known_job)
     assert progress.state == JobStatus.finished and progress.finished_at is not None
-    assert progress.eta_s == 0.0 and progress.queued == 0
+    assert progress.queued == 0
+    # No live activity: no rate, no ETA.
+    assert progress.rate_per_s is None and progress.eta_s is None
 
 
 def test_unknown_job(migrated_engine: Engine) -> None:
@@ -162,21 +164,22 @@ def test_chunk_state(migrated_engine: Engine, known_job: int) -> None:
         "/archive/5.png": (True, 0),
         "/archive/8.png": (False, 0),
     }
-    assert chunk_state(migrated_engine, known_job + 1, uris[:2]) == {
-        "/archive/0.png": (False, 0),
-        "/archive/5.png": (False, 0),
-    }
+    # Another job that never listed them has no state for them.
+    assert chunk_state(migrated_engine, known_job + 1, uris[:2]) == {}
 
 
 def test_image_audit(migrated_engine: Engine, known_job: int) -> None:
     audit = image_audit(migrated_engine, "/archive/0.png")
     assert audit is not None
-    assert audit.state == ImageStatus.scored and audit.attempts == 0 and audit.last_job_id == known_job
+    latest = audit.latest
+    assert latest is not None and [m.job_id for m in audit.jobs] == [known_job]
+    assert latest.state == ImageStatus.scored and latest.attempts == 0 and not latest.reused
     assert sorted(p.bundle_id for p in audit.predictions) == ["b1", "other"]
     assert {p.worker_host for p in audit.predictions} == {"w"}
     assert all(p.scored_at is not None and p.scored_at.tzinfo is not None for p in audit.predictions)
     failed = image_audit(migrated_engine, "/archive/5.png")
-    assert failed is not None and failed.failure_reason == "corrupt" and failed.predictions == []
+    assert failed is not None and failed.predictions == []
+    assert failed.latest is not None and failed.latest.failure_reason == "corrupt"
     assert image_audit(migrated_engine, "/nowhere.png") is None
 
 
