@@ -45,8 +45,8 @@ def test_make_demo_screens_the_generated_archive(tmp_path: Path) -> None:
     assert "scored now 6" in proc.stdout
     db = demo / "state" / "deepcovid.db"
     with sqlite3.connect(db) as conn:
-        states = dict(conn.execute("select state, count(*) from images group by state").fetchall())
-        reasons = {r for (r,) in conn.execute("select failure_reason from images where state = 'failed'")}
+        states = dict(conn.execute("select state, count(*) from job_images group by state").fetchall())
+        reasons = {r for (r,) in conn.execute("select failure_reason from job_images where state = 'failed'")}
         predictions = conn.execute("select count(*) from predictions").fetchone()[0]
     assert states == {"scored": 6, "failed": 2}
     assert reasons == {"empty_file", "not_an_image"}

@@ -93,14 +93,20 @@ def test_enqueue_directory_rerun_and_rescore(
     assert "listed 5, queued 5 in 3 chunks, skipped 0" in flat(result.stdout)
     job1 = job_id_from(result.stdout)
     wait_job_finished(url, job1)
-    assert counts(url, "SELECT state, count(*) FROM images GROUP BY state") == {"scored": 4, "failed": 1}
+    job_states = f"SELECT state, count(*) FROM job_images WHERE job_id = {job1} GROUP BY state"
+    assert counts(url, job_states) == {"scored": 4, "failed": 1}
     assert counts(url, "SELECT bundle_id, count(*) FROM predictions GROUP BY bundle_id") == {first_bundle: 4}
 
     # Re-running skips what the bundle scored; only the failed image goes again.
     again = run_cli("enqueue", archive)
     assert again.exit_code == 0, again.output
     assert "listed 5, queued 1 in 1 chunks, skipped 4" in flat(again.stdout)
-    wait_job_finished(url, job_id_from(again.stdout))
+    job2 = job_id_from(again.stdout)
+    wait_job_finished(url, job2)
+    # Job 2 lists the four reused predictions as its own; job 1 keeps its list.
+    reused = f"SELECT reused, count(*) FROM job_images WHERE job_id = {job2} GROUP BY reused"
+    assert {bool(k): v for k, v in counts(url, reused).items()} == {True: 4, False: 1}
+    assert counts(url, job_states) == {"scored": 4, "failed": 1}
 
     # A new bundle, promoted: --rescore scores everything again and both bundles' results remain.
     second_path = _write_bundle(tmp_path / "second", ("squeezenet1_1",), seed=7)
@@ -144,7 +150,7 @@ def test_enqueue_from_s3(
         assert result.exit_code == 0, result.output
         assert "listed 4, queued 4" in flat(result.stdout)
         wait_job_finished(url, job_id_from(result.stdout))
-        assert counts(url, "SELECT state, count(*) FROM images GROUP BY state") == {"scored": 4}
+        assert counts(url, "SELECT state, count(*) FROM job_images GROUP BY state") == {"scored": 4}
         uris = counts(url, "SELECT uri, storage FROM images")
         assert uris[f"s3://{bucket}/scans/day1/IM0007"] == "s3"
 

@@ -56,7 +56,7 @@ def test_screen_end_to_end_and_job_commands(
 
     engine = _engine(data_dir)
     with engine.connect() as conn:
-        states = dict(conn.execute(sa.text("SELECT state, count(*) FROM images GROUP BY state")).all())
+        states = dict(conn.execute(sa.text("SELECT state, count(*) FROM job_images GROUP BY state")).all())
         predictions = conn.execute(sa.text("SELECT count(*) FROM predictions")).scalar()
         job_state = conn.execute(sa.text("SELECT state FROM scan_jobs WHERE id = 1")).scalar()
     assert states == {"scored": 4, "failed": 2}
@@ -137,7 +137,11 @@ def test_requeue_failed_sends_them_to_the_broker(
 
         with _engine(tmp_path / "data").connect() as conn:
             state = conn.execute(
-                sa.text("SELECT state FROM images WHERE uri = :u"), {"u": kwargs["uris"][0]}
+                sa.text(
+                    "SELECT m.state FROM job_images m JOIN images i ON i.id = m.image_id "
+                    "WHERE m.job_id = 1 AND i.uri = :u"
+                ),
+                {"u": kwargs["uris"][0]},
             ).scalar()
             job_state = conn.execute(sa.text("SELECT state FROM scan_jobs WHERE id = 1")).scalar()
         assert state == "queued" and job_state == "running"
@@ -176,7 +180,8 @@ def test_screen_of_a_single_file(
     assert result.exit_code == 0, result.output
     assert "listed 1; already scored 0; scored now 1; failed 0" in flat(result.stdout)
     with _engine(tmp_path / "data").connect() as conn:
-        assert conn.execute(sa.text("SELECT uri, state FROM images")).all() == [(str(image), "scored")]
+        rows = conn.execute(sa.text("SELECT uri, state FROM images JOIN job_images ON image_id = id")).all()
+        assert rows == [(str(image), "scored")]
 
 
 def test_screen_of_an_empty_archive_creates_no_job(

@@ -33,12 +33,12 @@ def _job(url: str, uris: list[str], *, age_s: float = 0.0, failed: int = 0) -> i
     with engine.begin() as conn:
         conn.execute(sa.text("UPDATE scan_jobs SET created_at = :t WHERE id = :j"), {"t": then, "j": job_id})
         conn.execute(
-            sa.text("UPDATE images SET updated_at = :t WHERE last_job_id = :j"), {"t": then, "j": job_id}
+            sa.text("UPDATE job_images SET updated_at = :t WHERE job_id = :j"), {"t": then, "j": job_id}
         )
         if failed:
             conn.execute(
                 sa.text(
-                    "UPDATE images SET state = 'failed', failure_reason = 'truncated' WHERE last_job_id = :j"
+                    "UPDATE job_images SET state = 'failed', failure_reason = 'truncated' WHERE job_id = :j"
                 ),
                 {"j": job_id},
             )

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from db.models import Image, Prediction
+from db.models import Image, JobImage, Prediction
 from deepcovid.settings import Settings
 from tests.fixtures.images import xray_png_bytes
 from worker.tasks import retryable_errors, run_chunk
@@ -44,19 +44,20 @@ def settings_for(url: str, root: Path, bundles_dir: Path, **kw: Any) -> Settings
 
 
 def rows(engine: Any, uris: list[str]) -> dict[str, tuple[str, str | None, int, int]]:
-    """uri -> (state, failure reason, attempt count, prediction count)."""
+    """uri -> (state, failure reason, attempt count, prediction count) in the chunk's job."""
     with engine.connect() as conn:
         result = conn.execute(
             sa.select(
                 Image.uri,
-                Image.state,
-                Image.failure_reason,
-                Image.attempt_count,
+                JobImage.state,
+                JobImage.failure_reason,
+                JobImage.attempts,
                 sa.func.count(Prediction.id),
             )
+            .join(JobImage, JobImage.image_id == Image.id)
             .outerjoin(Prediction, Prediction.image_id == Image.id)
             .where(Image.uri.in_(uris))
-            .group_by(Image.id)
+            .group_by(Image.id, JobImage.state, JobImage.failure_reason, JobImage.attempts)
         )
         return {uri: (state.value, reason, attempts, n) for uri, state, reason, attempts, n in result}
 
@@ -95,7 +96,12 @@ def test_redelivered_chunk_is_scored_one_image_at_a_time(
     settings = settings_for(migrated_url, root, bundles_dir, max_attempts=3)
     # As after two crashes on image 2 in isolation: it is the one the next attempt gives up on.
     with migrated_engine.begin() as conn:
-        conn.execute(sa.update(Image).where(Image.uri == uris[2]).values(attempt_count=2))
+        image_id = conn.execute(sa.select(Image.id).where(Image.uri == uris[2])).scalar_one()
+        conn.execute(
+            sa.update(JobImage)
+            .where(JobImage.job_id == job_id, JobImage.image_id == image_id)
+            .values(attempts=2)
+        )
 
     summary = run_chunk(job_id, tiny_bundle_id, uris, settings=settings, redelivered=True)
     assert summary["isolated"] is True

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from db.models import Image, Prediction, ScanJob
 from deepcovid.queue import make_celery, send_chunk
 from deepcovid.settings import Settings
-from deepcovid.status import ImageStatus
+from tests.fixtures.faults import image_states
 from tests.fixtures.images import dicom_bytes, jpeg_bytes, xray_png_bytes
 from tests.fixtures.services import (
     RABBITMQ_URL,
@@ -64,11 +64,7 @@ def send(broker_url: str, queue: str, job_id: int, bundle_id: str, uris: list[st
 
 
 def states(engine: Any, uris: list[str]) -> dict[str, tuple[str, str | None]]:
-    with engine.connect() as conn:
-        rows = conn.execute(
-            sa.select(Image.uri, Image.state, Image.failure_reason).where(Image.uri.in_(uris))
-        )
-        return {uri: (ImageStatus(state).value, reason) for uri, state, reason in rows}
+    return image_states(engine, uris)
 
 
 def wait_until_done(
