@@ -29,6 +29,9 @@ err_console = Console(stderr=True, soft_wrap=True)  # long paths and commands st
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+UNBOUNDED_WIDTH = 1_000_000
+"""Columns offered to a table measured for output that is not a terminal: more than any row needs."""
+
 
 def error(message: str) -> None:
     """One ``error:`` line on standard error (markup in ``message`` is printed as text)."""
@@ -113,10 +116,6 @@ def _wide(file: IO[str], renderable: RenderableType) -> Console:
     probe = Console(file=file, width=UNBOUNDED_WIDTH)
     width = Measurement.get(probe, probe.options, renderable).maximum
     return Console(file=file, width=max(width, 80))
-
-
-UNBOUNDED_WIDTH = 1_000_000
-"""Columns offered to a table measured for output that is not a terminal: more than any row needs."""
 
 
 # ----------------------------------------------------------------------------------------------------------
