@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.markup import escape
 
-from cli.render import console, fail, record_table, rows_table
+from cli.render import console, fail, human, record_table, rows_table, score, show
 from deepcovid import defaults
 from deepcovid.settings import get_settings
 
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 def config_command() -> None:
     """Print the effective settings (from DEEPCOVID_* variables and .env), secrets masked."""
     rows = [(name, f"DEEPCOVID_{name.upper()}", value) for name, value in get_settings().masked().items()]
-    console.print(rows_table("Effective settings", ("setting", "environment variable", "value"), rows))
+    show(rows_table("Effective settings", ("setting", "environment variable", "value"), rows))
 
 
 def inspect_command(
@@ -118,27 +118,27 @@ def bundle_show_command(
     if json_output:
         typer.echo(json.dumps(bundle.manifest, indent=2, sort_keys=True))
         return
-    console.print(record_table(f"Bundle {bundle.bundle_id} (verified)", _manifest_rows(bundle)))
+    show(record_table(f"Bundle {bundle.bundle_id} (verified)", _manifest_rows(bundle)))
 
 
 def _manifest_rows(bundle: Bundle) -> list[tuple[str, str]]:
     manifest = bundle.manifest
     norm = manifest["normalization"]
+    thresholds = bundle.thresholds
     rows = [
         ("path", str(bundle.path)),
         ("format", str(manifest["format_version"])),
         ("created", str(bundle.created_at)),
         ("classes", ", ".join(bundle.classes)),
         ("input", f"{manifest['input_size']}x{manifest['input_size']}"),
-        ("normalisation", f"mean {norm['mean']} std {norm['std']}"),
-        ("networks", "\n".join(f"{a}  threshold {bundle.thresholds[a]:g}" for a in bundle.architectures)),
-        ("ensemble", f"{bundle.ensemble_policy}, threshold {bundle.ensemble_threshold:g}"),
+        ("normalisation", f"mean {human(norm['mean'])} std {human(norm['std'])}"),
+        ("networks", "\n".join(f"{a}  threshold {score(thresholds[a])}" for a in bundle.architectures)),
+        ("ensemble", f"{bundle.ensemble_policy}, threshold {score(bundle.ensemble_threshold)}"),
     ]
     for title, values in (("provenance", bundle.provenance), ("metrics", bundle.metrics)):
-        text = "\n".join(f"{k}: {v if isinstance(v, str) else json.dumps(v)}" for k, v in values.items())
+        text = "\n".join(f"{k}: {human(v)}" for k, v in values.items())
         rows.append((title, text or "-"))
     files = manifest["files"].items()
-    rows.append(
-        ("files", "\n".join(f"{n}  {e['size'] / 1e6:.1f} MB  sha256 {e['sha256'][:16]}…" for n, e in files))
-    )
+    listed = (f"{n}  {human(e['size'] / 1e6, 1)} MB  sha256 {e['sha256'][:16]}…" for n, e in files)
+    rows.append(("files", "\n".join(listed)))
     return rows

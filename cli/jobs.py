@@ -14,11 +14,25 @@ from typing import TYPE_CHECKING, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cli.render import check_output, console, err_console, fail, number, record_table, rows_table, save, score
+from cli.render import (
+    check_output,
+    console,
+    duration,
+    err_console,
+    fail,
+    human,
+    number,
+    rate,
+    record_table,
+    rows_table,
+    save,
+    score,
+    show,
+)
 from deepcovid import defaults
 from deepcovid.exitcodes import ExitCode, help_text
 from deepcovid.settings import get_settings
-from deepcovid.status import JobStatus
+from deepcovid.status import ImageStatus, JobStatus
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -63,13 +77,21 @@ def status_command(
         help="One line, and an exit code for cron or Nagios: "
         + help_text((ExitCode.OK, ExitCode.FAILURES, ExitCode.STALLED)),
     ),
+    fmt: ListFormat = typer.Option(
+        ListFormat.table, "--format", help="table (terminal) or json (the fields of `jobs --format json`)."
+    ),
 ) -> None:
     """Show a job's progress: scored, failed and queued images, rate and ETA (from the database).
 
     A running job with queued images and no progress for DEEPCOVID_STALL_AFTER seconds is flagged stalled.
     """
+    if fmt is ListFormat.json and (check or follow):
+        raise fail("--format json takes no --check or --follow", ExitCode.USAGE)
     engine = database()
     progress = _job(engine, job)
+    if fmt is ListFormat.json:
+        console.print_json(data=job_record(progress))
+        return
     if check:
         line, code = check_line(progress)
         console.print(line, highlight=False, soft_wrap=True)
@@ -102,8 +124,8 @@ def follow_job(engine: Engine, job_id: int, interval: float = 1.0) -> None:
                     total=current.total,
                     completed=current.done,
                     counts=_counts(current),
-                    rate=f"{current.rate_per_s:,.1f} img/s",
-                    eta=_duration(current.eta_s),
+                    rate=rate(current.rate_per_s, "img/s"),
+                    eta=duration(current.eta_s),
                 )
                 if current.state is not JobStatus.running:
                     break
@@ -121,7 +143,7 @@ def check_line(progress: JobProgress) -> tuple[str, ExitCode]:
     if progress.stalled:
         return (
             f"{head} stalled: {progress.queued:,} images queued, no progress for "
-            f"{_duration(_idle_s(progress))}; recover with: {_recovery(progress)}",
+            f"{duration(_idle_s(progress))}; recover with: {_recovery(progress)}",
             ExitCode.STALLED,
         )
     counts = f"{progress.scored:,} scored, {progress.failed:,} failed, {progress.queued:,} queued"
@@ -164,16 +186,16 @@ def print_progress(progress: JobProgress) -> None:
     if progress.detail:
         rows.append(("why", progress.detail))
     if progress.rate_per_s is not None:
-        rows.append(("rate", f"{progress.rate_per_s:,.1f} images/s"))
-        rows.append(("ETA", _duration(progress.eta_s)))
+        rows.append(("rate", rate(progress.rate_per_s)))
+        rows.append(("ETA", duration(progress.eta_s)))
         rows.append(("last progress", _when(progress.last_progress_at)))
     if progress.stalled:
-        rows.append(("stalled", f"no progress for {_duration(_idle_s(progress))}"))
+        rows.append(("stalled", f"no progress for {duration(_idle_s(progress))}"))
         rows.append(("recover", _recovery(progress)))
     rows.append(("created", _when(progress.created_at)))
     if progress.finished_at is not None:
         rows.append(("finished", _when(progress.finished_at)))
-    console.print(record_table(f"Job {progress.job_id}", rows))
+    show(record_table(f"Job {progress.job_id}", rows))
 
 
 def _counts(progress: JobProgress) -> str:
@@ -181,14 +203,6 @@ def _counts(progress: JobProgress) -> str:
         f"scored {progress.scored:,}  failed {progress.failed:,}  queued {progress.queued:,}  "
         f"flagged {progress.flagged:,}"
     )
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    hours, rest = divmod(int(round(seconds)), 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
 def _when(value: datetime | None) -> str:
@@ -203,41 +217,33 @@ def jobs_command(
     limit: int = typer.Option(defaults.JOBS_LISTED, "--limit", min=1, help="How many recent jobs."),
     fmt: ListFormat = typer.Option(ListFormat.table, "--format", help="table (terminal) or json."),
 ) -> None:
-    """List recent jobs, newest first, with their counts; a stalled job shows as ``running (stalled)``."""
+    """List recent jobs, newest first, with their counts; a stalled job shows as ``running (stalled)``.
+
+    The table leaves out each job's bundle and total (``status JOB`` shows them) to fit 80 columns; json
+    has every field.
+    """
     from db.queries import list_jobs  # SQLAlchemy: kept out of CLI start-up
 
     jobs = list_jobs(database(), limit=limit, stall_after=get_settings().effective_stall_after)
     if fmt is ListFormat.json:
-        console.print_json(data=[_job_record(job) for job in jobs], default=str)
+        console.print_json(data=[job_record(job) for job in jobs])
         return
-    columns = (
-        "job",
-        "state",
-        "bundle",
-        "source",
-        "total",
-        "scored",
-        "failed",
-        "queued",
-        "flagged",
-        "created",
-    )
+    counts = ("scored", "failed", "queued", "flagged")
     rows = [
         (
             str(job.job_id),
             _state(job),
-            job.bundle_id,
-            job.source,
-            *(number(n) for n in (job.total, job.scored, job.failed, job.queued, job.flagged)),
+            *(number(getattr(job, name)) for name in counts),
             f"{job.created_at:%Y-%m-%d %H:%M}",
+            job.source,
         )
         for job in jobs
     ]
-    console.print(rows_table(None, columns, rows))
+    show(rows_table(None, ("job", "state", *counts, "created", "source"), rows, right=("job", *counts)))
 
 
-def _job_record(job: JobProgress) -> dict[str, object]:
-    """One job of ``jobs --format json``."""
+def job_record(job: JobProgress) -> dict[str, object]:
+    """One job for scripts (``jobs`` and ``status --format json``): full precision, ISO 8601 times."""
     return {
         "job": job.job_id,
         "state": job.state.value,
@@ -245,10 +251,13 @@ def _job_record(job: JobProgress) -> dict[str, object]:
         "bundle": job.bundle_id,
         "source": job.source,
         "total": job.total,
-        "scored": job.scored,
-        "failed": job.failed,
-        "queued": job.queued,
+        **{state.value: job.counts.get(state.value, 0) for state in ImageStatus},
+        "failed_by_reason": dict(job.failed_by_reason),
         "flagged": job.flagged,
+        "reused": job.reused,
+        "detail": job.detail,
+        "rate_per_s": job.rate_per_s,
+        "eta_s": job.eta_s,
         "created_at": job.created_at.isoformat(),
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,
         "last_progress_at": job.last_progress_at.isoformat() if job.last_progress_at else None,
@@ -295,22 +304,21 @@ def _results_table(engine: Engine, job: int, *, flagged: bool, limit: int, out: 
     try:
         shown = [
             (
-                row["uri"],
                 row["status"],
                 score(row["ensemble_score"]),
-                "" if row["ensemble_decision"] is None else ("yes" if row["ensemble_decision"] else "no"),
+                human(row["ensemble_decision"]),
                 score(row["disagreement"]),
                 row["reason"] or "",
+                row["uri"],
             )
             for row in islice(rows, limit)
         ]
     finally:
         rows.close()  # releases the streaming cursor's connection
-    table = rows_table(
-        f"Job {job}", ("image", "status", "ensemble", "flagged", "disagreement", "failure"), shown
-    )
+    columns = ("status", "ensemble", "flagged", "disagreement", "failure", "image")
+    table = rows_table(f"Job {job}", columns, shown, right=("ensemble", "disagreement"))
     if out is None:
-        console.print(table)
+        show(table)
     else:
         save(table, out)
     if len(shown) == limit:

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import typer
-from rich.console import Console
+from rich import box
+from rich.console import Console, RenderableType
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 
 from deepcovid.errors import UserError
@@ -24,6 +28,9 @@ console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # long paths and commands stay copyable
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+UNBOUNDED_WIDTH = 1_000_000
+"""Columns offered to a table measured for output that is not a terminal: more than any row needs."""
 
 
 def error(message: str) -> None:
@@ -57,30 +64,129 @@ def guarded(command: F) -> F:
 def record_table(title: str, rows: Iterable[tuple[str, str]]) -> Table:
     """A two-column table of labelled values (a job, a bundle): labels bold, no header."""
     table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column(style="bold")
+    table.add_column(style="bold", overflow="fold")
     table.add_column(overflow="fold")
     for label, value in rows:
         table.add_row(label, value)
     return table
 
 
-def rows_table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[str]]) -> Table:
-    """A table with a header row; long cells wrap rather than being cut."""
-    table = Table(*columns, title=title)
+def rows_table(
+    title: str | None,
+    columns: Sequence[str],
+    rows: Iterable[Sequence[str]],
+    *,
+    right: Sequence[str] = (),
+) -> Table:
+    """A table with a header row and no vertical rules, so more fits in 80 columns (and awk reads it).
+
+    Every column folds a long value onto more lines rather than cutting it: put a URI column last, where it
+    gets what the others leave. ``right``: the columns of numbers, aligned right.
+    """
+    table = Table(
+        *columns,
+        title=title,
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        collapse_padding=True,
+    )
     for column in table.columns:
         column.overflow = "fold"
+        if column.header in right:
+            column.justify = "right"
     for row in rows:
         table.add_row(*row)
     return table
 
 
+def show(renderable: RenderableType, target: Console | None = None) -> None:
+    """Print a table: on a terminal, folded to its width; piped or redirected, as wide as the longest row,
+    so no value (a URI above all) is wrapped or cut for grep, cut and awk."""
+    target = target or console
+    if target.is_terminal:
+        target.print(renderable)
+    else:
+        _wide(target.file, renderable).print(renderable)
+
+
+def _wide(file: IO[str], renderable: RenderableType) -> Console:
+    """A console on ``file`` exactly as wide as ``renderable`` wants (at least 80 columns)."""
+    probe = Console(file=file, width=UNBOUNDED_WIDTH)
+    width = Measurement.get(probe, probe.options, renderable).maximum
+    return Console(file=file, width=max(width, 80))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Numbers for people. JSON and CSV never come here: they keep full precision.
+
+
+def human(value: Any, digits: int = 3) -> str:
+    """Any value as people read it: floats to ``digits`` decimals (tiny ones to ``digits`` significant
+    digits, so a drift of 0.0002 does not read as 0), ints with thousands separators, None empty,
+    booleans yes/no, lists and dicts as JSON of those rounded values."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return _float(value, digits, ",")
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(_rounded(value, digits))
+    return str(value)
+
+
+def _float(value: float, digits: int, separator: str = "") -> str:
+    if not math.isfinite(value):
+        return str(value)
+    if value and abs(value) < 10**-digits:
+        return f"{value:.{digits}g}"
+    return f"{value:{separator}.{digits}f}"
+
+
+def _rounded(value: Any, digits: int) -> Any:
+    """``value`` with every float rounded as ``human`` prints it (for the JSON of a nested value)."""
+    if isinstance(value, float) and math.isfinite(value):
+        return float(_float(value, digits))
+    if isinstance(value, dict):
+        return {key: _rounded(item, digits) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(item, digits) for item in value]
+    return value
+
+
 def number(value: int) -> str:
-    return f"{value:,}"
+    return human(value)
 
 
 def score(value: float | None) -> str:
-    """A probability or score for people: three decimals, empty when absent."""
-    return "" if value is None else f"{value:.3f}"
+    """A probability, score or threshold for people: three decimals, empty when absent."""
+    return human(value, 3)
+
+
+def rate(per_s: float | None, unit: str = "images/s") -> str:
+    """A speed for people: one decimal; ``-`` for a job nothing works on."""
+    return "-" if per_s is None else f"{human(per_s, 1)} {unit}"
+
+
+def duration(seconds: float | None) -> str:
+    """A duration for people: ``42s``, ``3m 05s``, ``2h 07m``, ``3d 4h``; ``-`` when unknown."""
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    total = max(int(round(seconds)), 0)
+    days, rest = divmod(total, 86_400)
+    hours, rest = divmod(rest, 3_600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
 
 
 @contextlib.contextmanager
@@ -94,9 +200,9 @@ def interruptible(message: str) -> Iterator[None]:
 
 
 def save(table: Table, path: Path) -> None:
-    """Write a table to a file, wide enough that rows are not wrapped as a terminal would."""
+    """Write a table to a file as wide as its longest row, so no row is wrapped as a terminal would."""
     with open(path, "w", encoding="utf-8") as fh:
-        Console(file=fh, width=200).print(table)
+        _wide(fh, table).print(table)
 
 
 def check_output(path: Path | None, option: str = "--out") -> None:

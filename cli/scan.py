@@ -7,6 +7,7 @@ import time
 from typing import TYPE_CHECKING, Any, Optional
 
 import typer
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -18,7 +19,18 @@ from rich.progress import (
 )
 
 from cli.jobs import database, follow_job
-from cli.render import console, err_console, fail, interruptible, number, rows_table, score, warning
+from cli.render import (
+    console,
+    err_console,
+    fail,
+    interruptible,
+    number,
+    rate,
+    rows_table,
+    score,
+    show,
+    warning,
+)
 from deepcovid.errors import TransientError
 from deepcovid.exitcodes import ExitCode
 from deepcovid.formats import ARCHIVE_SUFFIXES
@@ -184,7 +196,7 @@ def screen_command(
         progress.advance(task, n)
         elapsed = time.monotonic() - started[0]
         if elapsed > 0:
-            progress.update(task, rate=f"{progress.tasks[0].completed / elapsed:,.1f} img/s")
+            progress.update(task, rate=rate(progress.tasks[0].completed / elapsed, "img/s"))
 
     # Ctrl-C during scoring is screen's to handle (it keeps what was scored); before, nothing was done.
     interrupted = interruptible(
@@ -212,36 +224,43 @@ def screen_command(
 
 
 def print_screen_summary(summary: ScreenSummary) -> None:
-    """The closing report: counts, failure reasons, the top flagged images and where the results are."""
+    """The closing report: counts, failure reasons, the top flagged images and where the results are.
+
+    The flagged count and the top flagged are the job's, as ``jobs``, ``status`` and ``results --flagged``
+    show them: on a re-run they include the images scored earlier and reused.
+    """
     interrupted = " (interrupted: run the same command again to resume)" if summary.interrupted else ""
-    console.print(
-        f"[bold]Job {summary.job_id}[/] with bundle {summary.bundle_id}{interrupted}\n"
-        f"  listed {summary.listed:,}; already scored {summary.skipped:,}; "
-        f"scored now {summary.scored:,}; failed {sum(summary.failed.values()):,}; "
-        f"flagged COVID-positive {summary.flagged:,}",
-        highlight=False,
+    flagged_now = f" ({number(summary.flagged_now)} of them scored now)" if summary.skipped else ""
+    _line(f"[bold]Job {summary.job_id}[/] with bundle {escape(summary.bundle_id)}{interrupted}", markup=True)
+    _line(
+        f"  listed {number(summary.listed)}; already scored {number(summary.skipped)}; "
+        f"scored now {number(summary.scored)}; failed {number(sum(summary.failed.values()))}; "
+        f"flagged COVID-positive {number(summary.flagged)}{flagged_now}"
     )
     if summary.not_listed:
         from producer.listing import describe_not_listed  # already imported by screen; kept off start-up
 
-        console.print(f"  {describe_not_listed(summary.not_listed)}", highlight=False)
+        _line(f"  {describe_not_listed(summary.not_listed)}")
     if summary.failed:
         rows = [(reason, number(count)) for reason, count in summary.failed.most_common()]
-        console.print(rows_table("Failures", ("reason", "images"), rows))
+        show(rows_table("Failures", ("reason", "images"), rows, right=("images",)))
     flagged = summary.highest_flagged()
     if flagged:
         rows = [(score(value), uri) for value, uri in flagged]
-        console.print(rows_table(f"Top {len(flagged)} flagged", ("ensemble score", "image"), rows))
+        title = f"Top {len(flagged)} flagged"
+        show(rows_table(title, ("ensemble score", "image"), rows, right=("ensemble score",)))
     if summary.promoted:
-        console.print(
-            f"Bundle {summary.bundle_id} is now the active bundle (there was none).", highlight=False
-        )
-    console.print(f"Results: {_where(summary.database_url)}", highlight=False)
-    console.print(
+        _line(f"Bundle {summary.bundle_id} is now the active bundle (there was none).")
+    _line(f"Results: {_where(summary.database_url)}")
+    _line(
         f"Export:  deepcovid results {summary.job_id} --format csv --out results.csv"
-        f"   (flagged only: add --flagged)",
-        highlight=False,
+        f"   (flagged only: add --flagged)"
     )
+
+
+def _line(text: str, *, markup: bool = False) -> None:
+    """A line of the summary, never folded by the console, so paths stay whole for copy and grep."""
+    console.print(text, highlight=False, soft_wrap=True, markup=markup)
 
 
 def _where(url: str) -> str:

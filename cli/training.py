@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 from rich.logging import RichHandler
 
-from cli.render import console, err_console, fail, rows_table
+from cli.render import err_console, fail, human, rows_table, score, show
 from deepcovid import defaults
 from deepcovid.bundle import BundleError, load_bundle
 from deepcovid.errors import UserError
@@ -111,14 +111,14 @@ def train_command(
     err_console.print(f"bundle [bold]{bundle.bundle_id}[/] written to {bundle.path}", highlight=False)
     validation = bundle.metrics.get("validation", {})
     for name, auc in (validation.get("auc") or {}).items():
-        err_console.print(f"  validation AUC {name}: {auc if auc is None else f'{auc:.4f}'}", highlight=False)
+        err_console.print(f"  validation AUC {name}: {score(auc) or 'n/a'}", highlight=False)
     if (worst := validated_bf16_drift(bundle)) is not None:
         tolerance = get_settings().bf16_tolerance
         verdict = (
             "CPU workers with bf16 instructions use bf16" if worst <= tolerance else "workers stay in fp32"
         )
         err_console.print(
-            f"  bf16 vs fp32 on validation: up to {worst:.4f} (tolerance {tolerance}): {verdict}"
+            f"  bf16 vs fp32 on validation: up to {human(worst)} (tolerance {human(tolerance)}): {verdict}"
         )
 
 
@@ -147,9 +147,9 @@ def evaluate_command(
         raise fail(str(exc)) from None
     op = metrics["operating"]
     err_console.print(
-        f"ensemble @ {op['threshold']:.4f}: sensitivity {op['sensitivity']}, "
-        f"specificity {op['specificity']}, "
-        f"AUC {op['auc']}; report in {out}",
+        f"ensemble @ {score(op['threshold'])}: sensitivity {score(op['sensitivity']) or 'n/a'}, "
+        f"specificity {score(op['specificity']) or 'n/a'}, "
+        f"AUC {score(op['auc']) or 'n/a'}; report in {out}",
         highlight=False,
     )
 
@@ -224,16 +224,14 @@ def list_command() -> None:
                 "active" if record.active else "",
                 str(provenance.get("kind", "trained")),
                 f"{record.registered_at:%Y-%m-%d %H:%M}",
-                "" if sensitivity is None else f"sensitivity {sensitivity}",
+                "" if sensitivity is None else f"sensitivity {human(sensitivity)}",
                 record.path,
             )
         )
     if not rows:
         err_console.print("no bundle is registered: `deepcovid bundle register BUNDLE_DIR --promote`")
         return
-    console.print(
-        rows_table("Registered bundles", ("bundle", "", "kind", "registered", "evaluation", "path"), rows)
-    )
+    show(rows_table("Registered bundles", ("bundle", "", "kind", "registered", "evaluation", "path"), rows))
 
 
 def demo_data_command(

@@ -7,7 +7,6 @@ It runs exactly the code the distributed system runs: ``producer.listing`` to li
 
 from __future__ import annotations
 
-import heapq
 import json
 import socket
 import tempfile
@@ -21,6 +20,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from db.jobs import create_job, finish_job_if_done
+from db.queries import flagged_images, job_progress
 from db.registry import UnknownBundle, active_bundle, get_bundle, register_bundle, set_active
 from db.schema import open_database
 from db.writes import register_images, write_results
@@ -56,6 +56,8 @@ class ScreenSummary:
     skipped: int = 0  # already scored by this bundle
     scored: int = 0
     failed: Counter[str] = field(default_factory=Counter)  # reason -> count
+    flagged_now: int = 0  # flagged among the images scored by this run
+    # The job's flagged images, reused ones included (what `jobs` counts), read back when the run ends.
     flagged: int = 0
     top_flagged: list[tuple[float, str]] = field(default_factory=list)  # (ensemble score, uri), highest first
     interrupted: bool = False
@@ -68,8 +70,8 @@ class ScreenSummary:
         return self.scored + sum(self.failed.values())
 
     def highest_flagged(self) -> list[tuple[float, str]]:
-        """The highest-scoring flagged images of this run, highest first."""
-        return sorted(self.top_flagged, reverse=True)
+        """The job's highest-scoring flagged images, highest first (as ``results --flagged`` lists them)."""
+        return list(self.top_flagged)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -228,7 +230,18 @@ def screen(
         except KeyboardInterrupt:
             summary.interrupted = True
     finish_job_if_done(engine, job_id)
+    _read_flagged(engine, summary)
     return summary
+
+
+def _read_flagged(engine: Engine, summary: ScreenSummary) -> None:
+    """The job's flagged count and top flagged as the database has them, so the summary says what
+    ``jobs`` and ``results --flagged`` say, images reused from an earlier run included."""
+    summary.flagged = job_progress(engine, summary.job_id).flagged
+    summary.top_flagged = [
+        (float(image.ensemble_score or 0.0), image.uri)
+        for image in flagged_images(engine, summary.job_id, limit=TOP_FLAGGED)
+    ]
 
 
 def _tally(summary: ScreenSummary, results: list[ImageResult]) -> None:
@@ -236,11 +249,6 @@ def _tally(summary: ScreenSummary, results: list[ImageResult]) -> None:
         if result.scored:
             summary.scored += 1
             if result.ensemble_decision:
-                summary.flagged += 1
-                item = (float(result.ensemble_score or 0.0), result.uri)
-                if len(summary.top_flagged) < TOP_FLAGGED:
-                    heapq.heappush(summary.top_flagged, item)
-                else:
-                    heapq.heappushpop(summary.top_flagged, item)
+                summary.flagged_now += 1
         else:
             summary.failed[result.reason or "internal_error"] += 1

@@ -77,7 +77,7 @@ def test_status_and_jobs_flag_a_stalled_job_and_check_exits_with_its_code(run_cl
 
     jobs = run_cli("jobs")
     assert jobs.exit_code == 0, jobs.output
-    lines = {line.split()[1]: line for line in jobs.stdout.splitlines() if line.split()[1:2]}
+    lines = {line.split()[0]: line for line in jobs.stdout.splitlines() if line.split()}
     assert "stalled" in lines[str(stalled)]
     assert "stalled" not in lines[str(healthy)]
 
