@@ -80,8 +80,8 @@ def test_status_json_has_the_fields_of_jobs_json_at_full_precision(job: int) -> 
     }
     assert record["job"] == job and record["state"] == "running" and record["stalled"] is False
     assert record["source"] == SOURCE and record["bundle"] == "b1"
-    counts = {k: record[k] for k in ("total", "queued", "scored", "failed", "skipped", "flagged")}
-    assert counts == {"total": 8, "queued": 1, "scored": 6, "failed": 1, "skipped": 0, "flagged": 5}
+    counts = {k: record[k] for k in ("total", "queued", "scored", "failed", "cancelled", "flagged")}
+    assert counts == {"total": 8, "queued": 1, "scored": 6, "failed": 1, "cancelled": 0, "flagged": 5}
     assert record["failed_by_reason"] == {"truncated": 1}
     assert isinstance(record["rate_per_s"], float) and record["rate_per_s"] > 0
     assert record["eta_s"] == pytest.approx(1 / record["rate_per_s"])
