@@ -214,14 +214,17 @@ def _when(value: datetime | None) -> str:
 
 
 def jobs_command(
+    ctx: typer.Context,
     limit: int = typer.Option(defaults.JOBS_LISTED, "--limit", min=1, help="How many recent jobs."),
     fmt: ListFormat = typer.Option(ListFormat.table, "--format", help="table (terminal) or json."),
 ) -> None:
     """List recent jobs, newest first, with their counts; a stalled job shows as ``running (stalled)``.
 
     The table leaves out each job's bundle and total (``status JOB`` shows them) to fit 80 columns; json
-    has every field.
+    has every field. `jobs close JOB` ends an abandoned job; `jobs prune --before DATE` removes history.
     """
+    if ctx.invoked_subcommand is not None:
+        return
     from db.queries import list_jobs  # SQLAlchemy: kept out of CLI start-up
 
     jobs = list_jobs(database(), limit=limit, stall_after=get_settings().effective_stall_after)
@@ -262,6 +265,52 @@ def job_record(job: JobProgress) -> dict[str, object]:
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,
         "last_progress_at": job.last_progress_at.isoformat() if job.last_progress_at else None,
     }
+
+
+def close_command(job: int = typer.Argument(..., help="Job id.")) -> None:
+    """End an abandoned job: its images still queued are recorded as cancelled; what was scored stays."""
+    from db.jobs import close_job  # SQLAlchemy: kept out of CLI start-up
+
+    engine = database()
+    progress = _job(engine, job)
+    if progress.state is JobStatus.running and not progress.stalled and progress.runner:
+        raise fail(f"job {job} is being screened by {progress.runner}; stop that run first", ExitCode.USAGE)
+    cancelled = close_job(engine, job)
+    state = _job(engine, job).state.value
+    console.print(f"Job {job} is {state}: {number(cancelled)} queued images cancelled.", highlight=False)
+
+
+def prune_command(
+    before: datetime = typer.Option(
+        ...,
+        "--before",
+        formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S"],
+        help="Remove jobs created before this date (local time), e.g. 2026-01-01.",
+    ),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+) -> None:
+    """Remove old jobs for good, with the predictions and images no remaining job refers to.
+
+    Running jobs are kept. This is the only command that removes history.
+    """
+    from db.jobs import prune_jobs  # SQLAlchemy: kept out of CLI start-up
+
+    engine = database()
+    cutoff = before.astimezone()  # a date without a zone is local time
+    planned = prune_jobs(engine, cutoff, dry_run=True)
+    if not planned.jobs:
+        console.print(f"no finished jobs created before {cutoff:%Y-%m-%d %H:%M}; nothing removed")
+        return
+    if not yes and not typer.confirm(
+        f"Remove {planned.jobs:,} jobs created before {cutoff:%Y-%m-%d %H:%M} and their results?", err=True
+    ):
+        raise fail("not confirmed: nothing changed (pass --yes to skip the question)", ExitCode.USAGE)
+    done = prune_jobs(engine, cutoff)
+    console.print(
+        f"Removed {number(done.jobs)} jobs, {number(done.predictions)} predictions and "
+        f"{number(done.images)} images no remaining job refers to.",
+        highlight=False,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -142,7 +142,9 @@ def enqueue_command(
 
 
 def screen_command(
-    source: str = typer.Argument(..., help="A directory of images (or s3://bucket/prefix)."),
+    source: Optional[str] = typer.Argument(
+        None, help="A directory of images, one image, or s3://bucket/prefix (left out with --resume)."
+    ),
     bundle: Optional[str] = typer.Option(
         None,
         "--bundle",
@@ -160,11 +162,20 @@ def screen_command(
     limit: Optional[int] = typer.Option(
         None, "--limit", min=1, help="Screen only the first N images listed."
     ),
+    resume: Optional[int] = typer.Option(
+        None,
+        "--resume",
+        metavar="JOB",
+        help="Continue this interrupted job (its source, bundle and options).",
+    ),
 ) -> None:
     """Screen SOURCE in this process: no broker, no database server (SQLite in DEEPCOVID_DATA_DIR).
 
-    Same listing, scoring and storage as enqueue + workers. Ctrl-C keeps what was scored; re-running resumes.
+    Same listing, scoring and storage as enqueue + workers. Ctrl-C or SIGTERM keeps what was scored and
+    leaves the job interrupted: `--resume JOB`, or the same command again, continues it.
     """
+    if source is None and resume is None:
+        raise fail("say what to screen: deepcovid screen SOURCE (or --resume JOB)", ExitCode.USAGE)
     from producer.screen import screen  # torch: kept out of CLI start-up
 
     updates: dict[str, Any] = {"batch_size": batch_size, "device": device}
@@ -211,6 +222,7 @@ def screen_command(
                 include=include,
                 rescore=rescore,
                 limit=limit,
+                resume=resume,
                 on_listed=on_listed,
                 on_start=on_start,
                 on_images=on_images,
@@ -229,9 +241,15 @@ def print_screen_summary(summary: ScreenSummary) -> None:
     The flagged count and the top flagged are the job's, as ``jobs``, ``status`` and ``results --flagged``
     show them: on a re-run they include the images scored earlier and reused.
     """
-    interrupted = " (interrupted: run the same command again to resume)" if summary.interrupted else ""
+    from producer.screen import resume_hint  # already imported by screen; kept off start-up
+
+    interrupted = f" interrupted: {resume_hint(summary.job_id)}" if summary.interrupted else ""
+    resumed = " (resumed)" if summary.resumed else ""
     flagged_now = f" ({number(summary.flagged_now)} of them scored now)" if summary.skipped else ""
-    _line(f"[bold]Job {summary.job_id}[/] with bundle {escape(summary.bundle_id)}{interrupted}", markup=True)
+    _line(
+        f"[bold]Job {summary.job_id}[/]{resumed} with bundle {escape(summary.bundle_id)}{interrupted}",
+        markup=True,
+    )
     _line(
         f"  listed {number(summary.listed)}; already scored {number(summary.skipped)}; "
         f"scored now {number(summary.scored)}; failed {number(sum(summary.failed.values()))}; "

@@ -71,6 +71,33 @@ def create_job(
         ).scalar_one()
 
 
+def get_job(engine: Engine, job_id: int) -> sa.Row[Any] | None:
+    """The job's row (None when there is no such job)."""
+    with engine.connect() as conn:
+        return conn.execute(sa.select(scan_jobs).where(scan_jobs.c.id == job_id)).one_or_none()
+
+
+def can_resume(job: sa.Row[Any]) -> bool:
+    """An interrupted job, or a running one whose ``screen`` process is gone: nobody works on it."""
+    state = JobStatus(job.state)
+    return state is JobStatus.interrupted or (state is JobStatus.running and runner_gone(job.runner))
+
+
+def find_resumable(engine: Engine, *, source: str, bundle_id: str, options: dict[str, Any]) -> int | None:
+    """The newest job of the same ``screen`` command (source, bundle, options) that nobody works on."""
+    with engine.connect() as conn:
+        jobs = conn.execute(
+            sa.select(scan_jobs)
+            .where(
+                scan_jobs.c.source == source,
+                scan_jobs.c.bundle_id == bundle_id,
+                scan_jobs.c.state.in_(_UNFINISHED),
+            )
+            .order_by(scan_jobs.c.id.desc())
+        ).all()
+    return next((job.id for job in jobs if job.options == options and can_resume(job)), None)
+
+
 def _queued(job_id: int) -> sa.ColumnElement[bool]:
     return sa.and_(job_images.c.job_id == job_id, job_images.c.state == ImageStatus.queued)
 

@@ -8,10 +8,12 @@ It runs exactly the code the distributed system runs: ``producer.listing`` to li
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -19,7 +21,16 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from db.jobs import create_job, finish_job_if_done
+from db.jobs import (
+    can_resume,
+    create_job,
+    find_resumable,
+    finish_job_if_done,
+    get_job,
+    resume_job,
+    stop_job,
+    this_runner,
+)
 from db.queries import flagged_images, job_progress
 from db.registry import UnknownBundle, active_bundle, get_bundle, register_bundle, set_active
 from db.schema import open_database
@@ -33,6 +44,7 @@ from deepcovid.exitcodes import ExitCode
 from deepcovid.pipeline import score_chunk
 from deepcovid.results import ImageResult
 from deepcovid.settings import Settings, get_settings
+from deepcovid.status import JobStatus
 from deepcovid.storage import open_storage
 from producer.listing import Include, first_batch, list_source, parse_include
 from producer.preflight import NO_BUNDLE_HELP, check_source
@@ -61,6 +73,7 @@ class ScreenSummary:
     flagged: int = 0
     top_flagged: list[tuple[float, str]] = field(default_factory=list)  # (ensemble score, uri), highest first
     interrupted: bool = False
+    resumed: bool = False  # it continued an interrupted job rather than starting one
     promoted: bool = False  # the --bundle given became the active bundle (there was none)
     unreadable: list[str] = field(default_factory=list)
     not_listed: Counter[str] = field(default_factory=Counter)  # files left out, by extension
@@ -146,13 +159,14 @@ def _read_spool(fh: Any, size: int) -> Iterator[list[str]]:
 
 
 def screen(
-    source: str,
+    source: str | None,
     *,
     settings: Settings | None = None,
     bundle: str | None = None,
     include: Include | str | None = None,
     rescore: bool = False,
     limit: int | None = None,
+    resume: int | None = None,
     on_listed: Callable[[ScreenSummary], None] | None = None,
     on_start: Callable[[ScreenSummary], None] | None = None,
     on_images: Callable[[int], None] | None = None,
@@ -161,10 +175,15 @@ def screen(
     """List, register, score and store ``source`` in this process; returns the run's summary.
 
     Every chunk's results are committed before the next chunk starts, so an interruption loses at most
-    the chunk in flight; running again resumes (images scored by the bundle are skipped). On Ctrl-C the
-    summary comes back with ``interrupted=True``. ``on_images(n)`` reports progress after every batch.
+    the chunk in flight. Ctrl-C or SIGTERM leaves the job ``interrupted`` (the summary says so); running
+    the same command again, or ``resume`` with the job id, continues that job. Any other error leaves it
+    ``failed`` with the reason. ``on_images(n)`` reports progress after every batch.
     """
     settings = settings or get_settings()
+    engine = open_database(settings, create=True)
+    if resume is not None:
+        source, bundle, include, rescore, limit = _resumed(engine, resume, source)
+    assert source is not None
     if not isinstance(include, Include):
         include = parse_include(include)
     # A local directory screened here is readable by this process whatever the storage roots say.
@@ -172,46 +191,44 @@ def screen(
     local = Path(canonical)
     extra_roots = () if canonical.startswith("s3://") else (local if local.is_dir() else local.parent,)
 
-    engine = open_database(settings, create=True)
     loaded, promoted = resolve_bundle(engine, settings, bundle)
     bundle_id = loaded.bundle_id
-    options = {"include": include.describe(), "rescore": rescore, "embedded": True}
+    options: dict[str, Any] = {"include": include.describe(), "rescore": rescore, "embedded": True}
     if limit:
         options["limit"] = limit
+    # Before any job exists: a device that cannot be used (or a bundle that does not load) changes nothing.
+    ensemble = Ensemble.from_bundle(loaded, device=settings.device, settings=settings)
     summary = ScreenSummary(
         job_id=0,
         bundle_id=bundle_id,
         database_url=settings.effective_database_url,
         promoted=promoted,
+        device=ensemble.label,
     )
 
     def unreadable(path: str, exc: OSError) -> None:
         summary.unreadable.append(path)
 
-    with tempfile.TemporaryFile("w+", encoding="utf-8") as spool:
-        refs = list_source(
-            canonical, include, settings=settings, on_error=unreadable, not_listed=summary.not_listed
-        )
-        if limit:
-            refs = islice(refs, limit)
-        batches = first_batch(batched(refs, REGISTER_BATCH), source, summary.not_listed)
-        job_id = summary.job_id = create_job(engine, source=canonical, bundle_id=bundle_id, options=options)
-        for batch in batches:
-            summary.listed += len(batch)
-            uris = register_images(engine, job_id, bundle_id, batch, rescore=rescore)
-            summary.to_score += len(uris)
-            _spool(uris, spool)
-            if on_listed is not None:
-                on_listed(summary)
-        summary.skipped = summary.listed - summary.to_score
-
-        storage = open_storage(settings, extra_roots=extra_roots)
-        ensemble = Ensemble.from_bundle(loaded, device=settings.device, settings=settings)
-        summary.device = ensemble.label
-        if on_start is not None:
-            on_start(summary)
-        host = socket.gethostname()
-        try:
+    refs = list_source(
+        canonical, include, settings=settings, on_error=unreadable, not_listed=summary.not_listed
+    )
+    if limit:
+        refs = islice(refs, limit)
+    batches = first_batch(batched(refs, REGISTER_BATCH), source, summary.not_listed)
+    runner = this_runner()
+    job_id = resume or find_resumable(engine, source=canonical, bundle_id=bundle_id, options=options)
+    if job_id is not None:
+        resume_job(engine, job_id, runner)
+        summary.resumed = True
+    else:
+        job_id = create_job(engine, source=canonical, bundle_id=bundle_id, options=options, runner=runner)
+    summary.job_id = job_id
+    storage = open_storage(settings, extra_roots=extra_roots)
+    try:
+        with _sigterm_interrupts(), tempfile.TemporaryFile("w+", encoding="utf-8") as spool:
+            _register(engine, summary, batches, spool, rescore=rescore, on_listed=on_listed)
+            if on_start is not None:
+                on_start(summary)
             for chunk in _read_spool(spool, settings.chunk_size):
                 results = score_chunk(
                     chunk, storage=storage, ensemble=ensemble, settings=settings, on_batch=on_images
@@ -221,17 +238,103 @@ def screen(
                     job_id=job_id,
                     bundle_id=bundle_id,
                     results=results,
-                    worker_host=host,
+                    worker_host=socket.gethostname(),
                     device=summary.device,
                 )
                 _tally(summary, results)
                 if on_chunk is not None:
                     on_chunk(summary)
-        except KeyboardInterrupt:
-            summary.interrupted = True
-    finish_job_if_done(engine, job_id)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+        stop_job(engine, job_id, JobStatus.interrupted, f"interrupted; {resume_hint(job_id)}")
+    except BaseException as exc:
+        stop_job(engine, job_id, JobStatus.failed, _why(exc))
+        raise
+    else:
+        finish_job_if_done(engine, job_id)
     _read_flagged(engine, summary)
     return summary
+
+
+def resume_hint(job_id: int) -> str:
+    """How to continue an interrupted job."""
+    return f"resume with: deepcovid screen --resume {job_id} (or run the same command again)"
+
+
+def _resumed(engine: Engine, job_id: int, source: str | None) -> tuple[str, str, str, bool, int | None]:
+    """The source, bundle and options of the job ``--resume`` names; refuses one that cannot be resumed."""
+    job = get_job(engine, job_id)
+    if job is None:
+        raise UserError(ExitCode.FAILURES, f"no job {job_id} (see `deepcovid jobs`)")
+    if not (job.options or {}).get("embedded"):
+        raise UserError(
+            ExitCode.USAGE,
+            f"job {job_id} is run by workers, not by screen; re-send its images with: "
+            f"deepcovid requeue {job_id} --queued",
+        )
+    if not can_resume(job):
+        raise UserError(
+            ExitCode.USAGE,
+            f"job {job_id} is {JobStatus(job.state).value}; only an interrupted job can be resumed",
+        )
+    if source is not None and Path(source).expanduser().resolve() != Path(job.source):
+        raise UserError(
+            ExitCode.USAGE, f"job {job_id} screened another source; leave SOURCE out with --resume"
+        )
+    options = job.options or {}
+    return (
+        job.source,
+        job.bundle_id,
+        options.get("include"),
+        bool(options.get("rescore")),
+        options.get("limit"),
+    )
+
+
+def _register(
+    engine: Engine,
+    summary: ScreenSummary,
+    batches: Iterator[list[Any]],
+    spool: Any,
+    *,
+    rescore: bool,
+    on_listed: Callable[[ScreenSummary], None] | None,
+) -> None:
+    """Make the listed images members of the job; those to score go to the spool file."""
+    for batch in batches:
+        summary.listed += len(batch)
+        uris = register_images(engine, summary.job_id, summary.bundle_id, batch, rescore=rescore)
+        summary.to_score += len(uris)
+        _spool(uris, spool)
+        if on_listed is not None:
+            on_listed(summary)
+    summary.skipped = summary.listed - summary.to_score
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (a service stop, ``kill``) ends the run as Ctrl-C does: the job is left resumable."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _why(exc: BaseException) -> str:
+    """A failed job's reason: a UserError's own line; otherwise only the error's type, since an
+    unexpected message may quote a file name."""
+    if isinstance(exc, UserError):
+        return str(exc)
+    return f"the run stopped on an unexpected {type(exc).__name__}; run the same command again"
 
 
 def _read_flagged(engine: Engine, summary: ScreenSummary) -> None:

@@ -211,9 +211,9 @@ def test_interrupted_screen_keeps_what_was_scored_and_resumes(
     first = screen(str(xray_archive), settings=settings, bundle=str(tiny_bundle_path), on_chunk=interrupt)
     assert first.interrupted and first.done == 2
     with _engine(tmp_path / "data").connect() as conn:
-        assert conn.execute(sa.text("SELECT state FROM scan_jobs WHERE id = 1")).scalar() == "running"
+        assert conn.execute(sa.text("SELECT state FROM scan_jobs WHERE id = 1")).scalar() == "interrupted"
 
     second = screen(str(xray_archive), settings=settings)
-    assert not second.interrupted
+    assert not second.interrupted and second.resumed and second.job_id == 1
     assert second.listed == 6 and second.skipped + second.to_score == 6
     assert second.scored + first.scored == 4
