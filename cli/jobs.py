@@ -144,11 +144,16 @@ def _state(progress: JobProgress) -> str:
     return f"{progress.state.value} (stalled)" if progress.stalled else progress.state.value
 
 
+def _bundle(progress: JobProgress) -> str:
+    """The job's bundle id, marked when it was untrained (``bundle init``): its scores mean nothing."""
+    return f"{progress.bundle_id} (UNTRAINED)" if progress.options.get("untrained") else progress.bundle_id
+
+
 def print_progress(progress: JobProgress) -> None:
     """One job's counts as a small table."""
     rows = [
         ("source", progress.source),
-        ("bundle", progress.bundle_id),
+        ("bundle", _bundle(progress)),
         ("state", _state(progress)),
         ("total", number(progress.total)),
         ("scored", number(progress.scored)),
@@ -222,7 +227,7 @@ def jobs_command(
         (
             str(job.job_id),
             _state(job),
-            job.bundle_id,
+            _bundle(job),
             job.source,
             *(number(n) for n in (job.total, job.scored, job.failed, job.queued, job.flagged)),
             f"{job.created_at:%Y-%m-%d %H:%M}",
@@ -239,6 +244,7 @@ def _job_record(job: JobProgress) -> dict[str, object]:
         "state": job.state.value,
         "stalled": job.stalled,
         "bundle": job.bundle_id,
+        "untrained": bool(job.options.get("untrained")),
         "source": job.source,
         "total": job.total,
         "scored": job.scored,

@@ -34,6 +34,7 @@ from deepcovid.pipeline import score_chunk
 from deepcovid.results import ImageResult
 from deepcovid.settings import Settings, get_settings
 from deepcovid.storage import open_storage
+from deepcovid.untrained import is_untrained
 from producer.listing import Include, first_batch, list_source, parse_include
 from producer.preflight import NO_BUNDLE_HELP, check_source
 
@@ -60,6 +61,7 @@ class ScreenSummary:
     top_flagged: list[tuple[float, str]] = field(default_factory=list)  # (ensemble score, uri), highest first
     interrupted: bool = False
     promoted: bool = False  # the --bundle given became the active bundle (there was none)
+    untrained: bool = False  # the bundle is one `bundle init` made: its scores mean nothing
     unreadable: list[str] = field(default_factory=list)
     not_listed: Counter[str] = field(default_factory=Counter)  # files left out, by extension
 
@@ -173,14 +175,18 @@ def screen(
     engine = open_database(settings, create=True)
     loaded, promoted = resolve_bundle(engine, settings, bundle)
     bundle_id = loaded.bundle_id
-    options = {"include": include.describe(), "rescore": rescore, "embedded": True}
+    options: dict[str, Any] = {"include": include.describe(), "rescore": rescore, "embedded": True}
     if limit:
         options["limit"] = limit
+    untrained = is_untrained(loaded.manifest)
+    if untrained:
+        options["untrained"] = True  # `jobs` and `status` mark the job: its scores are meaningless
     summary = ScreenSummary(
         job_id=0,
         bundle_id=bundle_id,
         database_url=settings.effective_database_url,
         promoted=promoted,
+        untrained=untrained,
     )
 
     def unreadable(path: str, exc: OSError) -> None:
