@@ -24,7 +24,9 @@ def untrained_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from deepcovid.untrained import init_bundle
 
     out = tmp_path_factory.mktemp("untrained") / "bundle"
-    init_bundle(out, pretrained="none", architectures=["squeezenet1_1"], policy="mean", ensemble_threshold=0.5)
+    init_bundle(
+        out, pretrained="none", architectures=["squeezenet1_1"], policy="mean", ensemble_threshold=0.5
+    )
     return out
 
 
@@ -96,7 +98,8 @@ def test_enqueue_warns_and_the_job_records_it(
     url = migrated_sqlite()
     manifest = {"provenance": {"kind": "untrained"}}
     with make_engine(url).begin() as conn:
-        conn.execute(sa.insert(BundleRecord).values(bundle_id="ab12", manifest=manifest, path="/x", active=True))
+        record = {"bundle_id": "ab12", "manifest": manifest, "path": "/x", "active": True}
+        conn.execute(sa.insert(BundleRecord).values(**record))
     queue = f"test-untrained-{uuid.uuid4().hex[:8]}"
     producer_env(storage_roots=clean_archive, database_url=url, broker_url=redis_url, queue=queue)
     try:
