@@ -150,7 +150,7 @@ def _create_sqlite_engine(url: URL) -> Engine:
     path = sqlite_path(url)
     if path is not None and not path.exists():
         # Before SQLite creates it: its -wal and -shm files then take the same 0600 mode.
-        check_writable(url, data_dir=get_settings().data_dir)  # makes the folder, or says why it cannot
+        check_writable(url)  # makes the folder, or says in one line why it cannot
         make_private_file(path)
     read_only = url.query.get("mode") == "ro"
     engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}, hide_parameters=True)

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy.engine import Engine
 
-from db.engine import check_writable, describe, make_engine
+from db.engine import check_writable, describe, make_engine, sqlite_path
 from db.migrate import head_revisions, known_revisions, upgrade
 from deepcovid.errors import UserError
 from deepcovid.exitcodes import ExitCode
@@ -64,7 +64,8 @@ def open_database(
     settings = settings or get_settings()
     embedded = url is None and not (settings.database_url and settings.database_url.get_secret_value())
     url = url or settings.effective_database_url
-    if create or write:
+    path = sqlite_path(url)
+    if create or write or (path is not None and not path.exists()):  # the engine would make the file
         check_writable(url, data_dir=settings.data_dir)
     engine = make_engine(url)
     try:
