@@ -33,10 +33,9 @@ demo: install
 		--pretrained none --finetune all --epochs $(DEMO_EPOCHS) --batch-size 20 $(DEMO_ARCHS) \
 		--target-sensitivity 0.95
 	@echo "== 3/4 registering and promoting the bundle"
-	DEEPCOVID_DATA_DIR=$(DEMO_DIR)/state $(DC) db upgrade
 	DEEPCOVID_DATA_DIR=$(DEMO_DIR)/state $(DC) bundle register $(DEMO_DIR)/bundle --promote
-	@echo "== 4/4 screening the archive"
-	DEEPCOVID_DATA_DIR=$(DEMO_DIR)/state $(DC) screen $(DEMO_DIR)/archive
+	@echo "== 4/4 screening the archive (2 files in it are broken on purpose: --allow-failures)"
+	DEEPCOVID_DATA_DIR=$(DEMO_DIR)/state $(DC) screen $(DEMO_DIR)/archive --allow-failures
 
 test: install
 	$(PY) -m pytest

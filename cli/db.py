@@ -17,7 +17,10 @@ def upgrade_command(
 ) -> None:
     """Create or migrate the results database schema up to the newest (or given) revision."""
     from db import migrate  # Alembic: kept out of CLI start-up
+    from db.engine import check_writable
 
+    settings = get_settings()
+    check_writable(url or settings.effective_database_url, data_dir=settings.data_dir)
     migrate.upgrade(url, revision)
     _report(url, migrate.current(url).current)
 
@@ -37,6 +40,10 @@ def downgrade_command(
     ):
         raise fail("not confirmed: nothing changed (pass --yes to skip the question)", ExitCode.USAGE)
 
+    from db.engine import check_writable
+
+    settings = get_settings()
+    check_writable(url or settings.effective_database_url, data_dir=settings.data_dir)
     migrate.downgrade(url, revision)
     _report(url, migrate.current(url).current)
 

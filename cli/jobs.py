@@ -51,11 +51,12 @@ class ListFormat(str, Enum):
     json = "json"
 
 
-def database() -> Engine:
-    """The results database, reachable and migrated (a UserError says what to do otherwise)."""
+def database(*, write: bool = False) -> Engine:
+    """The results database, reachable and migrated (a UserError says what to do otherwise); ``write``
+    for a command that changes it, so a read-only data dir is refused in one line."""
     from db.schema import open_database  # SQLAlchemy and Alembic: kept out of CLI start-up
 
-    return open_database()
+    return open_database(write=write)
 
 
 def _job(engine: Engine, job_id: int) -> JobProgress:
@@ -166,11 +167,16 @@ def _state(progress: JobProgress) -> str:
     return f"{progress.state.value} (stalled)" if progress.stalled else progress.state.value
 
 
+def _bundle(progress: JobProgress) -> str:
+    """The job's bundle id, marked when it was untrained (``bundle init``): its scores mean nothing."""
+    return f"{progress.bundle_id} (UNTRAINED)" if progress.options.get("untrained") else progress.bundle_id
+
+
 def print_progress(progress: JobProgress) -> None:
     """One job's counts as a small table."""
     rows = [
         ("source", progress.source),
-        ("bundle", progress.bundle_id),
+        ("bundle", _bundle(progress)),
         ("state", _state(progress)),
         ("total", number(progress.total)),
         ("scored", number(progress.scored)),
@@ -235,7 +241,7 @@ def jobs_command(
     rows = [
         (
             str(job.job_id),
-            _state(job),
+            _state(job) + (" (UNTRAINED)" if job.options.get("untrained") else ""),
             *(number(getattr(job, name)) for name in counts),
             f"{job.created_at:%Y-%m-%d %H:%M}",
             job.source,
@@ -252,6 +258,7 @@ def job_record(job: JobProgress) -> dict[str, object]:
         "state": job.state.value,
         "stalled": job.stalled,
         "bundle": job.bundle_id,
+        "untrained": bool(job.options.get("untrained")),
         "source": job.source,
         "total": job.total,
         **{state.value: job.counts.get(state.value, 0) for state in ImageStatus},
@@ -271,7 +278,7 @@ def close_command(job: int = typer.Argument(..., help="Job id.")) -> None:
     """End an abandoned job: its images still queued are recorded as cancelled; what was scored stays."""
     from db.jobs import close_job  # SQLAlchemy: kept out of CLI start-up
 
-    engine = database()
+    engine = database(write=True)
     progress = _job(engine, job)
     if progress.state is JobStatus.running and not progress.stalled and progress.runner:
         raise fail(f"job {job} is being screened by {progress.runner}; stop that run first", ExitCode.USAGE)
@@ -295,7 +302,7 @@ def prune_command(
     """
     from db.jobs import prune_jobs  # SQLAlchemy: kept out of CLI start-up
 
-    engine = database()
+    engine = database(write=True)
     cutoff = before.astimezone()  # a date without a zone is local time
     planned = prune_jobs(engine, cutoff, dry_run=True)
     if not planned.jobs:

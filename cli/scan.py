@@ -35,6 +35,7 @@ from deepcovid.errors import TransientError
 from deepcovid.exitcodes import ExitCode
 from deepcovid.formats import ARCHIVE_SUFFIXES
 from deepcovid.settings import get_settings, mask_url
+from deepcovid.untrained import untrained_warning
 
 if TYPE_CHECKING:
     from producer.enqueue import EnqueueSummary
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 
 EXIT_CODES = (
     ExitCode.OK,
+    ExitCode.FAILURES,
     ExitCode.USAGE,
     ExitCode.SCHEMA_NOT_CURRENT,
     ExitCode.MISSING_PATH,
@@ -53,6 +55,8 @@ EXIT_CODES = (
     ExitCode.NO_BUNDLE,
     ExitCode.OUTSIDE_STORAGE_ROOTS,
     ExitCode.S3_UNREACHABLE,
+    ExitCode.NO_IMAGES,
+    ExitCode.DATA_DIR_NOT_WRITABLE,
     ExitCode.INTERRUPTED,
 )
 """The exit codes of ``enqueue`` and ``screen``, listed in their ``--help``."""
@@ -61,6 +65,13 @@ UNREADABLE_SHOWN = 10
 """Unreadable directories ``enqueue`` names one by one before it only counts the rest."""
 
 DEFAULT_INCLUDE = ",".join(suffix.lstrip(".") for suffix in ARCHIVE_SUFFIXES)
+
+ALLOW_UNTRAINED = typer.Option(
+    False,
+    "--allow-untrained",
+    help="No warning for an untrained bundle (from `bundle init`, for pipeline checks); the job still "
+    "records that it was untrained.",
+)
 
 
 def enqueue_command(
@@ -82,6 +93,7 @@ def enqueue_command(
         None, "--bundle", help="Registered bundle id (default: the active one)."
     ),
     follow: bool = typer.Option(False, "--follow", help="Then show live progress until the job finishes."),
+    allow_untrained: bool = ALLOW_UNTRAINED,
 ) -> None:
     """Queue every image of SOURCE for scoring by the workers, as one job. Re-running resumes."""
     from producer.enqueue import enqueue  # SQLAlchemy and Celery: kept out of CLI start-up
@@ -116,6 +128,8 @@ def enqueue_command(
             on_progress=report,
         )
 
+    if summary.untrained and not allow_untrained:
+        warning(untrained_warning(summary.bundle_id))
     for path in summary.unreadable[:UNREADABLE_SHOWN]:
         warning(f"skipped unreadable directory {path}")
     if len(summary.unreadable) > UNREADABLE_SHOWN:
@@ -168,11 +182,18 @@ def screen_command(
         metavar="JOB",
         help="Continue this interrupted job (its source, bundle and options).",
     ),
+    allow_failures: bool = typer.Option(
+        False,
+        "--allow-failures",
+        help="Exit 0 even when some images failed (for pipelines that expect some); they are still reported.",
+    ),
+    allow_untrained: bool = ALLOW_UNTRAINED,
 ) -> None:
     """Screen SOURCE in this process: no broker, no database server (SQLite in DEEPCOVID_DATA_DIR).
 
     Same listing, scoring and storage as enqueue + workers. Ctrl-C or SIGTERM keeps what was scored and
     leaves the job interrupted: `--resume JOB`, or the same command again, continues it.
+    Exits 1 when some images failed, unless --allow-failures.
     """
     if source is None and resume is None:
         raise fail("say what to screen: deepcovid screen SOURCE (or --resume JOB)", ExitCode.USAGE)
@@ -195,11 +216,15 @@ def screen_command(
     started = [0.0]
 
     def on_listed(summary: ScreenSummary) -> None:
+        progress.start()  # only once listing works (a no-op after the first call)
         progress.update(
             task, description=f"listing ({summary.listed:,} found, {summary.to_score:,} to score)"
         )
 
     def on_start(summary: ScreenSummary) -> None:
+        if summary.untrained and not allow_untrained:
+            warning(untrained_warning(summary.bundle_id))
+        progress.start()
         started[0] = time.monotonic()
         progress.update(task, description=f"scoring on {summary.device}", total=summary.to_score, completed=0)
 
@@ -214,25 +239,37 @@ def screen_command(
         "interrupted before scoring started; nothing is lost, run the same command again"
     )
     try:
-        with interrupted, progress:
-            summary = screen(
-                source,
-                settings=settings,
-                bundle=bundle,
-                include=include,
-                rescore=rescore,
-                limit=limit,
-                resume=resume,
-                on_listed=on_listed,
-                on_start=on_start,
-                on_images=on_images,
-            )
+        with interrupted:
+            try:
+                summary = screen(
+                    source,
+                    settings=settings,
+                    bundle=bundle,
+                    include=include,
+                    rescore=rescore,
+                    limit=limit,
+                    resume=resume,
+                    on_listed=on_listed,
+                    on_start=on_start,
+                    on_images=on_images,
+                )
+            finally:
+                if progress.live.is_started:  # never started: an error before listing stays one line
+                    progress.stop()
     except TransientError as exc:
         raise fail(f"{exc}; what was scored is kept, run the command again to resume") from None
 
     print_screen_summary(summary)
     if summary.interrupted:
         raise typer.Exit(int(ExitCode.INTERRUPTED))
+    failed = sum(summary.failed.values())
+    if failed and not allow_failures:
+        err_console.print(
+            f"{failed:,} image{'s' if failed != 1 else ''} failed (reasons above): exit "
+            f"{int(ExitCode.FAILURES)}; pass --allow-failures when some failures are expected",
+            highlight=False,
+        )
+        raise typer.Exit(int(ExitCode.FAILURES))
 
 
 def print_screen_summary(summary: ScreenSummary) -> None:

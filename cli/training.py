@@ -13,14 +13,21 @@ from typing import Annotated, Optional
 import typer
 from rich.logging import RichHandler
 
-from cli.render import err_console, fail, human, rows_table, score, show
+from cli.render import err_console, fail, human, rows_table, score, show, warning
 from deepcovid import defaults
 from deepcovid.bundle import BundleError, load_bundle
 from deepcovid.errors import UserError
+from deepcovid.exitcodes import ExitCode
 from deepcovid.networks import PretrainedWeightsUnavailable
 from deepcovid.settings import get_settings
+from deepcovid.untrained import is_untrained, untrained_warning
 from training.args import TrainArgs
 from training.synthetic import write_demo_archive, write_labelled_folder
+
+ALLOW_UNTRAINED = typer.Option(
+    "--allow-untrained",
+    help="No warning when promoting an untrained bundle (from `bundle init`, for pipeline checks).",
+)
 
 
 def _setup_logging() -> None:
@@ -160,10 +167,12 @@ def register_command(
         bool, typer.Option(help="Also make it the active bundle (subject to the promotion gate).")
     ] = False,
     force: Annotated[bool, typer.Option(help="With --promote: skip the promotion gate.")] = False,
+    allow_untrained: Annotated[bool, ALLOW_UNTRAINED] = False,
 ) -> None:
     """Verify a bundle, copy it into the bundles directory and record it in the database.
 
     Registering never changes the active bundle (not even the first one); use --promote or `bundle promote`.
+    On the embedded SQLite default, the database is created on first use, as `screen` does.
     """
     # torch: kept out of CLI start-up
     from training.registry import PromotionRefused, promote_bundle, register
@@ -173,22 +182,26 @@ def register_command(
         loaded = load_bundle(bundle)
         from db.schema import open_database  # SQLAlchemy and Alembic: kept out of CLI start-up
 
-        engine = open_database(settings)
+        engine = open_database(settings, create=True)
         installed = register(engine, loaded, settings=settings)
         err_console.print(
             f"registered bundle [bold]{loaded.bundle_id}[/] (installed at {installed})", highlight=False
         )
         if promote:
-            err_console.print(promote_bundle(engine, loaded.bundle_id, force=force), highlight=False)
+            promoted = promote_bundle(engine, loaded.bundle_id, force=force)
+            if is_untrained(loaded.manifest) and not allow_untrained:
+                warning(untrained_warning(loaded.bundle_id))
+            err_console.print(promoted, highlight=False)
     except (BundleError, PromotionRefused, LookupError) as exc:
         raise fail(str(exc)) from None
-    except UserError as exc:  # the registry commands exit 1 on database problems too, as they always have
-        raise fail(exc.message) from None
+    except UserError as exc:
+        raise _registry_error(exc) from None
 
 
 def promote_command(
     bundle_id: Annotated[str, typer.Argument(help="Id of a registered bundle.")],
     force: Annotated[bool, typer.Option(help="Promote even if the gate refuses.")] = False,
+    allow_untrained: Annotated[bool, ALLOW_UNTRAINED] = False,
 ) -> None:
     """Make a registered bundle the active one for new jobs, if it is not less sensitive than the current one.
 
@@ -196,16 +209,28 @@ def promote_command(
     eval_data_id); without such a pair of evaluations it refuses unless --force.
     """
     # torch, SQLAlchemy: kept out of CLI start-up
+    from db.registry import get_bundle
     from db.schema import open_database
     from training.registry import PromotionRefused, promote_bundle
 
     try:
-        engine = open_database(get_settings())
-        err_console.print(promote_bundle(engine, bundle_id, force=force), highlight=False)
+        engine = open_database(get_settings(), create=True)
+        promoted = promote_bundle(engine, bundle_id, force=force)
+        if is_untrained(get_bundle(engine, bundle_id).manifest) and not allow_untrained:
+            warning(untrained_warning(bundle_id))
+        err_console.print(promoted, highlight=False)
     except (PromotionRefused, LookupError) as exc:
         raise fail(str(exc)) from None
-    except UserError as exc:  # as in register_command
-        raise fail(exc.message) from None
+    except UserError as exc:
+        raise _registry_error(exc) from None
+
+
+def _registry_error(exc: UserError) -> typer.Exit:
+    """The registry commands exit 1 on database problems, as they always have; a data dir they cannot
+    write keeps its own code, as in every command that writes."""
+    if exc.exit_code is ExitCode.DATA_DIR_NOT_WRITABLE:
+        return fail(exc.message, exc.exit_code)
+    return fail(exc.message)
 
 
 def list_command() -> None:

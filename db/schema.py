@@ -14,11 +14,10 @@ import sqlalchemy as sa
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy.engine import Engine
 
-from db.engine import describe, make_engine
+from db.engine import check_writable, describe, make_engine, sqlite_path
 from db.migrate import head_revisions, known_revisions, upgrade
 from deepcovid.errors import UserError
 from deepcovid.exitcodes import ExitCode
-from deepcovid.private import make_private_dir
 from deepcovid.settings import Settings, get_settings, mask_url
 
 # Alembic says which dialect it drives at INFO each time a migration context opens: noise in every
@@ -52,19 +51,22 @@ class DatabaseUnreachable(UserError):
 
 
 def open_database(
-    settings: Settings | None = None, *, url: str | None = None, create: bool = False
+    settings: Settings | None = None, *, url: str | None = None, create: bool = False, write: bool = False
 ) -> Engine:
     """The results database, reachable and at the newest schema: the one way every role opens it.
 
     ``url`` defaults to the settings' database. With ``create``, the embedded SQLite default (no
     ``DEEPCOVID_DATABASE_URL``) is created and migrated on first use, as ``screen`` needs on a fresh box.
-    Raises DatabaseUnreachable or SchemaNotCurrent, whose messages say what to do.
+    ``write`` (implied by ``create``) says the caller writes: a SQLite file or folder it cannot write is
+    then one line and exit 21 up front; otherwise such a file opens read-only, for the reading commands.
+    Raises DatabaseUnreachable, SchemaNotCurrent or that UserError, whose messages say what to do.
     """
     settings = settings or get_settings()
     embedded = url is None and not (settings.database_url and settings.database_url.get_secret_value())
     url = url or settings.effective_database_url
-    if create and embedded:
-        make_private_dir(settings.data_dir)
+    path = sqlite_path(url)
+    if create or write or (path is not None and not path.exists()):  # the engine would make the file
+        check_writable(url, data_dir=settings.data_dir)
     engine = make_engine(url)
     try:
         with engine.connect() as conn:  # reachable? (and, only when it may be made here, empty?)

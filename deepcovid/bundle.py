@@ -26,6 +26,7 @@ import numpy as np
 from deepcovid import defaults
 from deepcovid.networks import ARCHITECTURES, CLASSES, COVID_INDEX, build_network
 from deepcovid.preprocess import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE
+from deepcovid.private import writable_dir
 
 if TYPE_CHECKING:
     import torch
@@ -389,15 +390,21 @@ def _read_weights(bundle: Bundle, arch: str) -> bytes:
 def install_bundle(bundle: Bundle | Path | str, bundles_dir: Path | str) -> Path:
     """Copy a verified bundle to ``bundles_dir/<bundle_id>/`` atomically; a no-op when already there.
 
-    An installed copy that no longer verifies is replaced.
+    An installed copy that no longer verifies is replaced. A bundles dir that cannot be made or written
+    is a ``UserError`` (exit 21).
     """
     if not isinstance(bundle, Bundle):
         bundle = load_bundle(bundle)
     bundles_dir = Path(bundles_dir)
-    bundles_dir.mkdir(parents=True, exist_ok=True)
     destination = bundles_dir / bundle.bundle_id
     if destination.exists() and _installed_ok(destination, bundle.bundle_id):
-        return destination
+        return destination  # a read-only bundles dir that already holds it is fine
+    writable_dir(
+        bundles_dir,
+        what="bundles dir",
+        elsewhere="set DEEPCOVID_BUNDLES_DIR to a writable directory",
+        make=lambda path: path.mkdir(parents=True, exist_ok=True),  # not patient data: the umask decides
+    )
 
     staging = bundles_dir / f".{bundle.bundle_id}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir()

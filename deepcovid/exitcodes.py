@@ -24,6 +24,7 @@ class ExitCode(IntEnum):
     S3_UNREACHABLE = 18
     NO_IMAGES = 19
     STALLED = 20
+    DATA_DIR_NOT_WRITABLE = 21
     INTERRUPTED = 130
 
     @property
@@ -33,8 +34,8 @@ class ExitCode(IntEnum):
 
 _MEANINGS: dict[ExitCode, str] = {
     ExitCode.OK: "success (for `inspect`: every file decoded; for `enqueue`: queued, or nothing to do)",
-    ExitCode.FAILURES: "some files failed (`inspect`), a job finished with failed images (`status --check`), "
-    "a refused promotion, a bundle or training error",
+    ExitCode.FAILURES: "some files failed (`inspect`, and `screen` unless `--allow-failures`), a job "
+    "finished with failed images (`status --check`), a refused promotion, a bundle or training error",
     ExitCode.USAGE: "usage error (bad option, missing path for `inspect`)",
     ExitCode.SCHEMA_NOT_CURRENT: "database schema not current: run `deepcovid db upgrade`",
     ExitCode.BAD_SETTING: "a setting (a DEEPCOVID_* variable or .env) has a value that is not allowed",
@@ -49,6 +50,8 @@ _MEANINGS: dict[ExitCode, str] = {
     ExitCode.S3_UNREACHABLE: "S3 endpoint unreachable",
     ExitCode.NO_IMAGES: "`enqueue`/`screen`: the source holds no image to list (no job is created)",
     ExitCode.STALLED: "`status --check`: the job is stalled; recover with `deepcovid requeue JOB --queued`",
+    ExitCode.DATA_DIR_NOT_WRITABLE: "a command that writes: the data directory, the bundles directory or the "
+    "SQLite file cannot be created or is not writable",
     ExitCode.INTERRUPTED: "interrupted; what was done is kept, run the same command again to resume",
 }
 

@@ -2,19 +2,37 @@
 
 Every problem (an unknown network, a missing checkpoint) is found before any network is built, and all
 missing checkpoints are reported at once, so one run of ``bundle init`` says everything to fix.
+Their manifests say ``kind: untrained``; ``is_untrained`` and ``untrained_warning`` let every command that
+promotes or screens with one say so without loading torch (which ``init_bundle`` imports when it runs).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from deepcovid.bundle import Bundle, BundleError, save_bundle
 from deepcovid.errors import UserError
 from deepcovid.exitcodes import ExitCode
-from deepcovid.networks import ARCHITECTURES, PretrainedWeightsUnavailable, build_network, locate_weights
+
+if TYPE_CHECKING:
+    from deepcovid.bundle import Bundle
+
+UNTRAINED_KIND = "untrained"
+"""``provenance.kind`` in the manifest of a bundle made by ``bundle init``."""
+
+
+def is_untrained(manifest: Mapping[str, Any] | None) -> bool:
+    """Whether a bundle manifest (a file's or a registry record's) is one ``bundle init`` made."""
+    return ((manifest or {}).get("provenance") or {}).get("kind") == UNTRAINED_KIND
+
+
+def untrained_warning(bundle_id: str) -> str:
+    """The one line every command prints before it promotes or screens with an untrained bundle."""
+    return (
+        f"bundle {bundle_id} is UNTRAINED (made by `deepcovid bundle init`): its scores are meaningless, "
+        "use it for pipeline checks only (--allow-untrained silences this warning)"
+    )
 
 
 def pretrained_source(pretrained: str, architectures: Sequence[str]) -> str | Path:
@@ -45,6 +63,11 @@ def init_bundle(
     seed: int = 0,
 ) -> Bundle:
     """Write an untrained bundle of ``architectures`` (default: all four) to ``out`` and return it."""
+    import torch  # only when a bundle is made: commands that just ask is_untrained stay free of torch
+
+    from deepcovid.bundle import BundleError, save_bundle
+    from deepcovid.networks import ARCHITECTURES, PretrainedWeightsUnavailable, build_network, locate_weights
+
     architectures = list(dict.fromkeys(architectures)) or list(ARCHITECTURES)
     unknown = [a for a in architectures if a not in ARCHITECTURES]
     if unknown:
@@ -71,7 +94,7 @@ def init_bundle(
             ensemble_policy=policy,
             ensemble_threshold=ensemble_threshold,
             provenance={
-                "kind": "untrained",
+                "kind": UNTRAINED_KIND,
                 "pretrained": str(source),
                 "seed": seed,
                 "note": "heads are randomly initialised; not fit for screening",

@@ -16,12 +16,14 @@ from typing import Any, TypeVar
 from celery import Celery
 
 from db.jobs import create_job, finish_job_if_done
+from db.registry import get_bundle
 from db.schema import open_database
 from db.writes import register_images
 from deepcovid.chunking import batched
 from deepcovid.defaults import REGISTER_BATCH
 from deepcovid.queue import make_celery, send_chunk
 from deepcovid.settings import Settings, get_settings
+from deepcovid.untrained import is_untrained
 from producer.listing import Include, first_batch, list_source, parse_include
 from producer.preflight import check_broker, check_source, resolve_bundle_id
 
@@ -36,6 +38,7 @@ class EnqueueSummary:
     skipped: int = 0
     chunks: int = 0
     bundle_id: str = ""
+    untrained: bool = False  # the bundle is one `bundle init` made: its scores mean nothing
     unreadable: list[str] = field(default_factory=list)  # subdirectories the walk could not read
     not_listed: Counter[str] = field(default_factory=Counter)  # files left out, by extension
 
@@ -108,12 +111,14 @@ def enqueue(
         include = parse_include(include)
 
     canonical = check_source(source, settings)
-    engine = open_database(settings)
+    engine = open_database(settings, write=True)
     bundle_id = resolve_bundle_id(engine, bundle_id)
     app = app or make_celery(settings)
     check_broker(app)
 
-    summary = EnqueueSummary(job_id=0, bundle_id=bundle_id)
+    summary = EnqueueSummary(
+        job_id=0, bundle_id=bundle_id, untrained=is_untrained(get_bundle(engine, bundle_id).manifest)
+    )
 
     def unreadable(path: str, exc: OSError) -> None:
         summary.unreadable.append(path)
@@ -123,7 +128,9 @@ def enqueue(
         canonical, include, settings=settings, on_error=unreadable, not_listed=summary.not_listed
     )
     batches = first_batch(prefetch(batched(refs, REGISTER_BATCH)), source, summary.not_listed)
-    options = {"chunk_size": chunk_size, "include": include.describe(), "rescore": rescore}
+    options: dict[str, Any] = {"chunk_size": chunk_size, "include": include.describe(), "rescore": rescore}
+    if summary.untrained:
+        options["untrained"] = True  # `jobs` and `status` mark the job: its scores are meaningless
     job_id = summary.job_id = create_job(engine, source=canonical, bundle_id=bundle_id, options=options)
     for batch in batches:
         summary.listed += len(batch)

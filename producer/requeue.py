@@ -54,7 +54,7 @@ def requeue(
     if reason is not None and reason not in REASONS:
         raise UserError(ExitCode.USAGE, f"unknown reason {reason!r}; one of {', '.join(REASONS)}")
     settings = settings or get_settings()
-    engine = open_database(settings)
+    engine = open_database(settings, write=True)
     job = find_job(engine, job_id)
     app = app or make_celery(settings)
     check_broker(app)
@@ -69,7 +69,7 @@ def requeue_stalled(
 ) -> list[RequeueSummary]:
     """Re-send the queued images of every stalled job (see ``Settings.effective_stall_after``)."""
     settings = settings or get_settings()
-    engine = open_database(settings)
+    engine = open_database(settings, write=True)
     app = app or make_celery(settings)
     check_broker(app)
     stalled = [

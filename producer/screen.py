@@ -46,6 +46,7 @@ from deepcovid.results import ImageResult
 from deepcovid.settings import Settings, get_settings
 from deepcovid.status import JobStatus
 from deepcovid.storage import open_storage
+from deepcovid.untrained import is_untrained
 from producer.listing import Include, first_batch, list_source, parse_include
 from producer.preflight import NO_BUNDLE_HELP, check_source
 
@@ -75,6 +76,7 @@ class ScreenSummary:
     interrupted: bool = False
     resumed: bool = False  # it continued an interrupted job rather than starting one
     promoted: bool = False  # the --bundle given became the active bundle (there was none)
+    untrained: bool = False  # the bundle is one `bundle init` made: its scores mean nothing
     unreadable: list[str] = field(default_factory=list)
     not_listed: Counter[str] = field(default_factory=Counter)  # files left out, by extension
 
@@ -196,6 +198,9 @@ def screen(
     options: dict[str, Any] = {"include": include.describe(), "rescore": rescore, "embedded": True}
     if limit:
         options["limit"] = limit
+    untrained = is_untrained(loaded.manifest)
+    if untrained:
+        options["untrained"] = True  # `jobs` and `status` mark the job: its scores are meaningless
     # Before any job exists: a device that cannot be used (or a bundle that does not load) changes nothing.
     ensemble = Ensemble.from_bundle(loaded, device=settings.device, settings=settings)
     summary = ScreenSummary(
@@ -204,6 +209,7 @@ def screen(
         database_url=settings.effective_database_url,
         promoted=promoted,
         device=ensemble.label,
+        untrained=untrained,
     )
 
     def unreadable(path: str, exc: OSError) -> None:

@@ -206,7 +206,7 @@ def _write_report(
 def record_in_registry(bundle: Bundle, metrics: dict[str, Any], settings: Settings) -> bool:
     """Store the evaluation against the bundle in the database; False (with a warning) if it cannot."""
     try:
-        engine = open_database(settings)
+        engine = open_database(settings, write=True)
     except UserError as exc:
         log.warning("evaluation not recorded in the database: %s", exc.message)
         return False

@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
+from db.models import BundleRecord
 from db.registry import (
     UnknownBundle,
     active_bundle,
@@ -27,6 +28,7 @@ from db.registry import (
 from deepcovid.bundle import Bundle, install_bundle
 from deepcovid.results import ENSEMBLE_KEY
 from deepcovid.settings import Settings
+from deepcovid.untrained import is_untrained
 
 
 class PromotionRefused(RuntimeError):
@@ -101,18 +103,15 @@ def promotion_check(engine: Engine, candidate_id: str) -> tuple[bool, str]:
         return True, f"bundle {candidate.bundle_id} is already active"
     active_evals, candidate_evals = _evaluations(active), _evaluations(candidate)
     if not active_evals:
-        return False, (
-            f"the active bundle {active.bundle_id} has no recorded evaluation to compare against: run "
-            f"`deepcovid evaluate {active.path} TEST_DATA --out REPORT_DIR` and "
-            f"`deepcovid evaluate {candidate.path} TEST_DATA --out REPORT_DIR`, or pass --force"
-        )
+        return False, _no_active_evaluation(active, candidate, candidate_evals)
     shared = sorted(set(active_evals) & set(candidate_evals))
     if not shared:
         sources = sorted({str(e.get("data_source")) for e in active_evals.values()})
         return False, (
             f"bundle {candidate.bundle_id} has no evaluation on the data the active bundle "
             f"{active.bundle_id} was evaluated on ({', '.join(sources)}): run "
-            f"`deepcovid evaluate {candidate.path} {sources[0]} --out REPORT_DIR`, or pass --force"
+            f"`deepcovid evaluate {candidate.path} {sources[0]} --out REPORT_DIR`, then promote again; "
+            f"or skip the gate with `deepcovid bundle promote {candidate.bundle_id} --force`"
         )
     lines = []
     worse = False
@@ -134,6 +133,30 @@ def promotion_check(engine: Engine, candidate_id: str) -> tuple[bool, str]:
             f"at its operating threshold: " + "; ".join(lines) + " (pass --force to promote anyway)"
         )
     return True, "; ".join(lines)
+
+
+def _no_active_evaluation(
+    active: BundleRecord, candidate: BundleRecord, candidate_evals: dict[str, dict[str, Any]]
+) -> str:
+    """Why the gate cannot compare, and the exact commands that let it (or skip it)."""
+    force = f"`deepcovid bundle promote {candidate.bundle_id} --force`"
+    if is_untrained(active.manifest):
+        return (
+            f"the active bundle {active.bundle_id} is untrained (made by `deepcovid bundle init`), so there "
+            f"is no evaluation to compare against: replace it with {force}"
+        )
+    sources = sorted({str(e["data_source"]) for e in candidate_evals.values() if e.get("data_source")})
+    if sources:  # evaluate the active bundle on the data the candidate was evaluated on
+        run = f"`deepcovid evaluate {active.path} {sources[0]} --out REPORT_DIR`"
+    else:
+        run = (
+            f"`deepcovid evaluate {active.path} TEST_DATA --out REPORT_DIR` and "
+            f"`deepcovid evaluate {candidate.path} TEST_DATA --out REPORT_DIR` (the same labelled TEST_DATA)"
+        )
+    return (
+        f"the active bundle {active.bundle_id} has no recorded evaluation to compare against: run {run}, "
+        f"then promote again; or skip the gate with {force}"
+    )
 
 
 def promote_bundle(engine: Engine, candidate_id: str, *, force: bool = False) -> str:
