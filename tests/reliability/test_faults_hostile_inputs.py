@@ -33,10 +33,14 @@ CRASH_MARKERS = ("WorkerLostError", "exited with", "raised unexpected", "Process
 def failure_details(engine: Any, uris: list[str]) -> dict[str, str | None]:
     import sqlalchemy as sa
 
-    from db.models import Image
+    from db.models import Image, JobImage
 
     with engine.connect() as conn:
-        rows = conn.execute(sa.select(Image.uri, Image.failure_detail).where(Image.uri.in_(uris)))
+        rows = conn.execute(
+            sa.select(Image.uri, JobImage.failure_detail)
+            .join(JobImage, JobImage.image_id == Image.id)
+            .where(Image.uri.in_(uris))
+        )
         return dict(rows.all())
 
 
