@@ -126,7 +126,9 @@ def _create_engine(url: URL) -> Engine:
     else:
         kwargs: dict[str, Any] = {"pool_pre_ping": True, "hide_parameters": True}
         if url.get_backend_name() == "postgresql":
-            kwargs["connect_args"] = {"application_name": "deepcovid"}
+            # JIT compiling a bulk upsert (its CTE joins look costly to the planner) took longer than the
+            # statement itself: 0.55 s of 0.87 s for 5,000 registered images.
+            kwargs["connect_args"] = {"application_name": "deepcovid", "options": "-c jit=off"}
         engine = sa.create_engine(url, **kwargs)
     event.listen(engine, "handle_error", _first_line_only)
     return engine

@@ -91,3 +91,9 @@ def test_schema_check_logs_no_alembic_info(tmp_path, caplog) -> None:
     with caplog.at_level(logging.INFO):
         ensure_schema_current(make_engine(url))
     assert [r for r in caplog.records if r.name.startswith("alembic")] == []
+
+
+def test_postgres_sessions_run_without_jit(pg_database_url: str) -> None:
+    """JIT compiling the bulk upserts cost more than running them (0.55 s of 0.87 s per 5,000 images)."""
+    with make_engine(pg_database_url).connect() as conn:
+        assert conn.execute(sa.text("SHOW jit")).scalar_one() == "off"
