@@ -59,10 +59,13 @@ def parse_include(spec: str | None) -> Include:
     if "all" in words or "*" in words:
         return Include(everything=True)
     sniff = "sniff" in words
-    extensions = frozenset("." + w.lstrip(".") for w in words if w != "sniff")
+    # ``sniff-extensionless`` is what ``describe`` writes for the default: a job's recorded include
+    # parses back to the same listing when the job is resumed.
+    extensionless = sniff or "sniff-extensionless" in words
+    extensions = frozenset("." + w.lstrip(".") for w in words if w not in ("sniff", "sniff-extensionless"))
     if not extensions:
         extensions = frozenset(ARCHIVE_SUFFIXES)
-    return Include(extensions=extensions, sniff=sniff, sniff_extensionless=sniff)
+    return Include(extensions=extensions, sniff=sniff, sniff_extensionless=extensionless)
 
 
 def first_batch(batches: Iterator[list[T]], source: str, not_listed: Counter[str]) -> Iterator[list[T]]:

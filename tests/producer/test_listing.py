@@ -93,6 +93,13 @@ def test_parse_include() -> None:
     assert parse_include("all").everything
 
 
+@pytest.mark.parametrize("spec", [None, "png", "png,jpg", "sniff", "dcm,sniff", "all"])
+def test_described_include_parses_back_to_the_same_listing(spec: str | None) -> None:
+    """A job records ``describe()``; resuming it parses that back and must list the same files."""
+    include = parse_include(spec)
+    assert parse_include(include.describe()) == include
+
+
 def test_looks_like_image() -> None:
     assert looks_like_image(PNG[:132])
     assert looks_like_image(b"\xff\xd8\xff\xe0" + b"\x00" * 10)
