@@ -360,7 +360,7 @@ def _results_table(engine: Engine, job: int, *, flagged: bool, limit: int, out: 
     try:
         shown = [
             (
-                row["status"],
+                row["status"] + (" (reused)" if row["reused"] else ""),
                 score(row["ensemble_score"]),
                 human(row["ensemble_decision"]),
                 score(row["disagreement"]),

@@ -64,6 +64,8 @@ def test_screening_again_keeps_the_first_jobs_results(env, run_cli, archive: Pat
     assert (sub.total, sub.reused) == (2, 2)
     csv_text = run_cli("results", "1", "--format", "csv").stdout
     assert len(csv_text.strip().splitlines()) == 5  # header + 4: the first run's command still answers
+    assert flat(run_cli("results", "2").stdout).count("scored (reused)") == 4
+    assert "reused │ 4 scored by an earlier job" in flat(run_cli("status", "2").stdout)
     jobs = run_cli("jobs", "--format", "json")
     assert jobs.exit_code == 0 and '"reused": 4' in jobs.stdout
 
