@@ -1,7 +1,8 @@
 """Model bundles: the four networks' weights plus everything needed to score with them, hash-verified.
 
 A bundle is a directory holding ``<arch>.safetensors`` per network and ``manifest.json`` (class order,
-input size, normalisation, thresholds, ensemble policy, provenance, metrics, and every file's sha256).
+input size, normalisation, temperatures, thresholds, ensemble policy, provenance, metrics, and every
+file's sha256).
 Its id is derived from the manifest, which pins every file's hash, so an id names exactly one set of
 weights and any changed byte is detected when the bundle is loaded. No pickle is involved anywhere.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -24,7 +26,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from deepcovid import defaults
-from deepcovid.networks import ARCHITECTURES, CLASSES, COVID_INDEX, build_network
+from deepcovid.networks import (
+    ARCHITECTURES,
+    CLASSES,
+    COVID_INDEX,
+    RELU_HEAD_ARCHITECTURES,
+    build_network,
+    has_head_relu,
+)
 from deepcovid.preprocess import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE
 from deepcovid.private import writable_dir
 
@@ -32,8 +41,11 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+# Version 2 added per-network ``temperature`` (thresholds are on calibrated probabilities) and ``head_relu``
+# (SqueezeNet lost its final ReLU): a reader of version 1 would ignore both and mis-score, so it must
+# refuse. A version 1 manifest reads as temperature 1 and SqueezeNet with its ReLU, as it was trained.
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 POLICIES = ("mean", "majority", "any")
 BUNDLE_ID_LENGTH = 16
@@ -89,6 +101,19 @@ class Bundle:
     @property
     def thresholds(self) -> dict[str, float]:
         return {arch: float(t) for arch, t in self.manifest["thresholds"].items()}
+
+    @property
+    def temperatures(self) -> dict[str, float]:
+        """Each network's softmax temperature (logits / T), fitted on validation; 1 where none is recorded."""
+        given = self.manifest.get("temperature") or {}
+        return {arch: float(given.get(arch, 1.0)) for arch in self.architectures}
+
+    @property
+    def head_relu(self) -> tuple[str, ...]:
+        """The networks built with SqueezeNet's final ReLU: listed from version 2, all before it."""
+        if "head_relu" in self.manifest:
+            return tuple(self.manifest["head_relu"])
+        return tuple(arch for arch in self.architectures if arch in RELU_HEAD_ARCHITECTURES)
 
     @property
     def ensemble_policy(self) -> str:
@@ -188,11 +213,26 @@ def _check_thresholds(architectures: list[str], thresholds: Mapping[str, float] 
     return out
 
 
+def _check_temperatures(
+    architectures: list[str], temperatures: Mapping[str, float] | None
+) -> dict[str, float]:
+    given = dict(temperatures or {})
+    unknown = set(given) - set(architectures)
+    if unknown:
+        raise BundleError(f"temperatures given for networks not in the bundle: {', '.join(sorted(unknown))}")
+    out = {arch: float(given.get(arch, 1.0)) for arch in architectures}
+    for arch, value in out.items():
+        if not (math.isfinite(value) and value > 0.0):
+            raise BundleError(f"temperature for {arch} must be a positive number, got {value}")
+    return out
+
+
 def save_bundle(
     out: Path | str,
     networks: Mapping[str, nn.Module],
     *,
     thresholds: Mapping[str, float] | None = None,
+    temperatures: Mapping[str, float] | None = None,
     ensemble_policy: str = "mean",
     ensemble_threshold: float = defaults.ENSEMBLE_THRESHOLD,
     provenance: Mapping[str, Any] | None = None,
@@ -202,7 +242,7 @@ def save_bundle(
     """Write ``networks`` as a bundle in the new (or empty) directory ``out`` and return it, verified.
 
     The directory appears only when complete (written beside it, then renamed). Thresholds default to
-    0.5; ``created_at`` defaults to now (UTC) and is part of the id.
+    0.5 and temperatures to 1; ``created_at`` defaults to now (UTC) and is part of the id.
     """
     import torch  # torch: only the functions that touch weights import it, so manifests read light
     import torchvision
@@ -244,6 +284,8 @@ def save_bundle(
                 "std": [float(v) for v in IMAGENET_STD],
             },
             "thresholds": _check_thresholds(architectures, thresholds),
+            "temperature": _check_temperatures(architectures, temperatures),
+            "head_relu": [arch for arch in architectures if has_head_relu(networks[arch], arch)],
             "ensemble": {"policy": ensemble_policy, "threshold": float(ensemble_threshold)},
             "created_at": created_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "provenance": dict(provenance or {}),
@@ -306,8 +348,24 @@ def _check_manifest_contents(path: Path, manifest: dict[str, Any]) -> None:
             raise BundleError(f"bundle {path}: no weights file listed for {arch}")
         if arch not in manifest["thresholds"]:
             raise BundleError(f"bundle {path}: no threshold for {arch}")
+    if manifest["format_version"] >= 2:
+        _check_version2(path, manifest)
     if manifest["ensemble"].get("policy") not in POLICIES:
         raise BundleError(f"bundle {path}: unknown ensemble policy {manifest['ensemble'].get('policy')!r}")
+
+
+def _check_version2(path: Path, manifest: dict[str, Any]) -> None:
+    """Version 2 states every network's temperature and which heads keep a ReLU; no guessing."""
+    temperatures, relu = manifest.get("temperature"), manifest.get("head_relu")
+    if not isinstance(temperatures, dict) or not isinstance(relu, list):
+        raise BundleError(f"bundle {path}: a version 2 manifest needs temperature and head_relu")
+    for arch in manifest["architectures"]:
+        value = temperatures.get(arch)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or value <= 0:
+            raise BundleError(f"bundle {path}: temperature for {arch} must be a positive number: {value!r}")
+    if any(arch not in RELU_HEAD_ARCHITECTURES or arch not in manifest["architectures"] for arch in relu):
+        raise BundleError(f"bundle {path}: head_relu names networks without such a head: {relu}")
 
 
 def load_bundle(path: Path | str) -> Bundle:
@@ -362,7 +420,7 @@ def load_networks(
             state = load_safetensors(data)
         except SafetensorError as exc:
             raise BundleError(f"bundle {bundle.path}: {name} is not a valid safetensors file: {exc}") from exc
-        model = build_network(arch, "none")
+        model = build_network(arch, "none", head_relu=arch in bundle.head_relu)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:

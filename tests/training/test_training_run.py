@@ -111,5 +111,11 @@ def test_the_bundle_records_its_bf16_drift_on_validation_images(trained) -> None
     served = {
         arch: prepare_network(model, torch.device("cpu")) for arch, model in load_networks(bundle).items()
     }
-    again = precision_drift(served, images[: args.bf16_check_images], torch.bfloat16, torch.device("cpu"))
+    again = precision_drift(
+        served,
+        images[: args.bf16_check_images],
+        torch.bfloat16,
+        torch.device("cpu"),
+        temperatures=bundle.temperatures,
+    )
     assert again[TRAIN_ARCH] == pytest.approx(recorded[TRAIN_ARCH], abs=1e-5)
