@@ -53,9 +53,12 @@ def fit_temperature(logits: object, labels: object) -> float:
 
 
 def covid_probability(logits: object, temperature: float = 1.0) -> np.ndarray:
-    """softmax(logits / T)[:, COVID], as ``deepcovid.ensemble.Ensemble`` computes it."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    return np.exp(log_softmax(z, axis=1)[:, COVID_INDEX])
+    """softmax(logits / T)[:, COVID] exactly as ``deepcovid.ensemble.Ensemble`` computes it (float32
+    torch), so a threshold set at a validation score is met by the same score when screening."""
+    import torch
+
+    z = torch.as_tensor(np.asarray(logits), dtype=torch.float32)
+    return torch.softmax(z / float(temperature), dim=1)[:, COVID_INDEX].to(torch.float64).numpy()
 
 
 def uncalibrated(probabilities: object, temperature: float) -> np.ndarray:

@@ -119,3 +119,13 @@ def test_the_bundle_records_its_bf16_drift_on_validation_images(trained) -> None
         temperatures=bundle.temperatures,
     )
     assert again[TRAIN_ARCH] == pytest.approx(recorded[TRAIN_ARCH], abs=1e-5)
+
+
+def test_the_bundle_records_the_temperature_fitted_on_validation(trained) -> None:
+    bundle, _, _ = trained
+    validation = bundle.metrics["validation"]
+    temperature = bundle.temperatures[TRAIN_ARCH]
+    assert bundle.manifest["format_version"] == 2 and temperature > 0
+    assert validation["temperature"][TRAIN_ARCH] == pytest.approx(temperature, abs=1e-6)
+    ece = validation["calibration"][TRAIN_ARCH]
+    assert ece["temperature"] == pytest.approx(temperature)
