@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -26,6 +25,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from deepcovid import defaults
+from deepcovid.manifest import (
+    FORMAT_VERSION,
+    MANIFEST,
+    POLICIES,
+    REQUIRED_KEYS,
+    SUPPORTED_FORMAT_VERSIONS,
+    BundleError,
+    check_manifest_contents,
+    check_temperatures,
+    check_thresholds,
+    compute_bundle_id,
+    weights_filename,
+)
 from deepcovid.networks import (
     ARCHITECTURES,
     CLASSES,
@@ -41,26 +53,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-# Version 2 added per-network ``temperature`` (thresholds are on calibrated probabilities) and ``head_relu``
-# (SqueezeNet lost its final ReLU): a reader of version 1 would ignore both and mis-score, so it must
-# refuse. A version 1 manifest reads as temperature 1 and SqueezeNet with its ReLU, as it was trained.
-FORMAT_VERSION = 2
-SUPPORTED_FORMAT_VERSIONS = (1, 2)
-MANIFEST = "manifest.json"
-POLICIES = ("mean", "majority", "any")
-BUNDLE_ID_LENGTH = 16
 _BUNDLE_ID = re.compile(r"^[0-9a-f]{4,64}$")
-_REQUIRED_KEYS = (
-    "format_version",
-    "bundle_id",
-    "architectures",
-    "classes",
-    "input_size",
-    "normalization",
-    "thresholds",
-    "ensemble",
-    "files",
-)
 
 
 # float32 bytes of each network's state dict (parameters and buffers), what its weights file holds after
@@ -73,10 +66,6 @@ WEIGHTS_DATA_BYTES: dict[str, int] = {
     "densenet121": 28_159_184,
 }
 WEIGHTS_HEADER_ALLOWANCE = 1 << 20  # densenet121's safetensors header, the largest, is 83 KB
-
-
-class BundleError(Exception):
-    """A bundle is missing, incomplete, tampered with, or of a format this version cannot read."""
 
 
 @dataclass(frozen=True)
@@ -139,10 +128,6 @@ class Bundle:
         return self.path / weights_filename(arch)
 
 
-def weights_filename(arch: str) -> str:
-    return f"{arch}.safetensors"
-
-
 def max_weights_bytes(arch: str) -> int:
     """The largest weights file ``arch`` can need: its float32 tensors and their header."""
     return WEIGHTS_DATA_BYTES[arch] + WEIGHTS_HEADER_ALLOWANCE
@@ -172,13 +157,6 @@ def _check_weights_size(bundle_path: Path, arch: str, size: int) -> None:
         )
 
 
-def compute_bundle_id(manifest: Mapping[str, Any]) -> str:
-    """sha256 of the canonical JSON of the manifest without its id; the first 16 hex digits."""
-    body = {key: value for key, value in manifest.items() if key != "bundle_id"}
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:BUNDLE_ID_LENGTH]
-
-
 def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -198,32 +176,6 @@ def _state_dict_for_safetensors(model: nn.Module) -> dict[str, torch.Tensor]:
             tensor = tensor.clone()
         seen.add(tensor.untyped_storage().data_ptr())
         out[name] = tensor
-    return out
-
-
-def _check_thresholds(architectures: list[str], thresholds: Mapping[str, float] | None) -> dict[str, float]:
-    given = dict(thresholds or {})
-    unknown = set(given) - set(architectures)
-    if unknown:
-        raise BundleError(f"thresholds given for networks not in the bundle: {', '.join(sorted(unknown))}")
-    out = {arch: float(given.get(arch, defaults.ENSEMBLE_THRESHOLD)) for arch in architectures}
-    for arch, value in out.items():
-        if not 0.0 <= value <= 1.0:
-            raise BundleError(f"threshold for {arch} must be within [0, 1], got {value}")
-    return out
-
-
-def _check_temperatures(
-    architectures: list[str], temperatures: Mapping[str, float] | None
-) -> dict[str, float]:
-    given = dict(temperatures or {})
-    unknown = set(given) - set(architectures)
-    if unknown:
-        raise BundleError(f"temperatures given for networks not in the bundle: {', '.join(sorted(unknown))}")
-    out = {arch: float(given.get(arch, 1.0)) for arch in architectures}
-    for arch, value in out.items():
-        if not (math.isfinite(value) and value > 0.0):
-            raise BundleError(f"temperature for {arch} must be a positive number, got {value}")
     return out
 
 
@@ -283,8 +235,8 @@ def save_bundle(
                 "mean": [float(v) for v in IMAGENET_MEAN],
                 "std": [float(v) for v in IMAGENET_STD],
             },
-            "thresholds": _check_thresholds(architectures, thresholds),
-            "temperature": _check_temperatures(architectures, temperatures),
+            "thresholds": check_thresholds(architectures, thresholds),
+            "temperature": check_temperatures(architectures, temperatures),
             "head_relu": [arch for arch in architectures if has_head_relu(networks[arch], arch)],
             "ensemble": {"policy": ensemble_policy, "threshold": float(ensemble_threshold)},
             "created_at": created_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -327,45 +279,10 @@ def read_manifest(path: Path | str) -> dict[str, Any]:
             f"bundle {path} has format_version {version!r}; this version of deepcovid reads "
             f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))} (upgrade deepcovid or re-export the bundle)"
         )
-    missing = [key for key in _REQUIRED_KEYS if key not in manifest]
+    missing = [key for key in REQUIRED_KEYS if key not in manifest]
     if missing:
         raise BundleError(f"{manifest_path} lacks {', '.join(missing)}")
     return manifest
-
-
-def _check_manifest_contents(path: Path, manifest: dict[str, Any]) -> None:
-    architectures = manifest["architectures"]
-    if not isinstance(architectures, list) or not architectures:
-        raise BundleError(f"bundle {path}: architectures must be a non-empty list")
-    unknown = [arch for arch in architectures if arch not in ARCHITECTURES]
-    if unknown:
-        raise BundleError(f"bundle {path} holds networks this version cannot build: {unknown}")
-    if tuple(manifest["classes"]) != CLASSES:
-        raise BundleError(f"bundle {path} has class order {manifest['classes']}, expected {list(CLASSES)}")
-    files = manifest["files"]
-    for arch in architectures:
-        if weights_filename(arch) not in files:
-            raise BundleError(f"bundle {path}: no weights file listed for {arch}")
-        if arch not in manifest["thresholds"]:
-            raise BundleError(f"bundle {path}: no threshold for {arch}")
-    if manifest["format_version"] >= 2:
-        _check_version2(path, manifest)
-    if manifest["ensemble"].get("policy") not in POLICIES:
-        raise BundleError(f"bundle {path}: unknown ensemble policy {manifest['ensemble'].get('policy')!r}")
-
-
-def _check_version2(path: Path, manifest: dict[str, Any]) -> None:
-    """Version 2 states every network's temperature and which heads keep a ReLU; no guessing."""
-    temperatures, relu = manifest.get("temperature"), manifest.get("head_relu")
-    if not isinstance(temperatures, dict) or not isinstance(relu, list):
-        raise BundleError(f"bundle {path}: a version 2 manifest needs temperature and head_relu")
-    for arch in manifest["architectures"]:
-        value = temperatures.get(arch)
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not number or not math.isfinite(value) or value <= 0:
-            raise BundleError(f"bundle {path}: temperature for {arch} must be a positive number: {value!r}")
-    if any(arch not in RELU_HEAD_ARCHITECTURES or arch not in manifest["architectures"] for arch in relu):
-        raise BundleError(f"bundle {path}: head_relu names networks without such a head: {relu}")
 
 
 def load_bundle(path: Path | str) -> Bundle:
@@ -378,7 +295,7 @@ def load_bundle(path: Path | str) -> Bundle:
             f"bundle {path} has been modified: its manifest hashes to {expected_id}, "
             f"but it claims id {manifest['bundle_id']}"
         )
-    _check_manifest_contents(path, manifest)
+    check_manifest_contents(path, manifest)
     archs_by_file = {weights_filename(arch): arch for arch in manifest["architectures"]}
     for name, entry in manifest["files"].items():
         if Path(name).name != name or name in (MANIFEST, "", ".", ".."):
