@@ -124,7 +124,7 @@ def bundle_show_command(
 def _manifest_rows(bundle: Bundle) -> list[tuple[str, str]]:
     manifest = bundle.manifest
     norm = manifest["normalization"]
-    thresholds = bundle.thresholds
+    thresholds, temperatures = bundle.thresholds, bundle.temperatures
     rows = [
         ("path", str(bundle.path)),
         ("format", str(manifest["format_version"])),
@@ -132,7 +132,13 @@ def _manifest_rows(bundle: Bundle) -> list[tuple[str, str]]:
         ("classes", ", ".join(bundle.classes)),
         ("input", f"{manifest['input_size']}x{manifest['input_size']}"),
         ("normalisation", f"mean {human(norm['mean'])} std {human(norm['std'])}"),
-        ("networks", "\n".join(f"{a}  threshold {score(thresholds[a])}" for a in bundle.architectures)),
+        (
+            "networks",
+            "\n".join(
+                f"{a}  threshold {score(thresholds[a])}  temperature {human(temperatures[a])}"
+                for a in bundle.architectures
+            ),
+        ),
         ("ensemble", f"{bundle.ensemble_policy}, threshold {score(bundle.ensemble_threshold)}"),
     ]
     for title, values in (("provenance", bundle.provenance), ("metrics", bundle.metrics)):

@@ -1,7 +1,8 @@
 """Model bundles: the four networks' weights plus everything needed to score with them, hash-verified.
 
 A bundle is a directory holding ``<arch>.safetensors`` per network and ``manifest.json`` (class order,
-input size, normalisation, thresholds, ensemble policy, provenance, metrics, and every file's sha256).
+input size, normalisation, temperatures, thresholds, ensemble policy, provenance, metrics, and every
+file's sha256).
 Its id is derived from the manifest, which pins every file's hash, so an id names exactly one set of
 weights and any changed byte is detected when the bundle is loaded. No pickle is involved anywhere.
 """
@@ -24,7 +25,27 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from deepcovid import defaults
-from deepcovid.networks import ARCHITECTURES, CLASSES, COVID_INDEX, build_network
+from deepcovid.manifest import (
+    FORMAT_VERSION,
+    MANIFEST,
+    POLICIES,
+    REQUIRED_KEYS,
+    SUPPORTED_FORMAT_VERSIONS,
+    BundleError,
+    check_manifest_contents,
+    check_temperatures,
+    check_thresholds,
+    compute_bundle_id,
+    weights_filename,
+)
+from deepcovid.networks import (
+    ARCHITECTURES,
+    CLASSES,
+    COVID_INDEX,
+    RELU_HEAD_ARCHITECTURES,
+    build_network,
+    has_head_relu,
+)
 from deepcovid.preprocess import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE
 from deepcovid.private import writable_dir
 
@@ -32,23 +53,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
-MANIFEST = "manifest.json"
-POLICIES = ("mean", "majority", "any")
-BUNDLE_ID_LENGTH = 16
 _BUNDLE_ID = re.compile(r"^[0-9a-f]{4,64}$")
-_REQUIRED_KEYS = (
-    "format_version",
-    "bundle_id",
-    "architectures",
-    "classes",
-    "input_size",
-    "normalization",
-    "thresholds",
-    "ensemble",
-    "files",
-)
 
 
 # float32 bytes of each network's state dict (parameters and buffers), what its weights file holds after
@@ -61,10 +66,6 @@ WEIGHTS_DATA_BYTES: dict[str, int] = {
     "densenet121": 28_159_184,
 }
 WEIGHTS_HEADER_ALLOWANCE = 1 << 20  # densenet121's safetensors header, the largest, is 83 KB
-
-
-class BundleError(Exception):
-    """A bundle is missing, incomplete, tampered with, or of a format this version cannot read."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,19 @@ class Bundle:
         return {arch: float(t) for arch, t in self.manifest["thresholds"].items()}
 
     @property
+    def temperatures(self) -> dict[str, float]:
+        """Each network's softmax temperature (logits / T), fitted on validation; 1 where none is recorded."""
+        given = self.manifest.get("temperature") or {}
+        return {arch: float(given.get(arch, 1.0)) for arch in self.architectures}
+
+    @property
+    def head_relu(self) -> tuple[str, ...]:
+        """The networks built with SqueezeNet's final ReLU: listed from version 2, all before it."""
+        if "head_relu" in self.manifest:
+            return tuple(self.manifest["head_relu"])
+        return tuple(arch for arch in self.architectures if arch in RELU_HEAD_ARCHITECTURES)
+
+    @property
     def ensemble_policy(self) -> str:
         return self.manifest["ensemble"]["policy"]
 
@@ -112,10 +126,6 @@ class Bundle:
 
     def weights_path(self, arch: str) -> Path:
         return self.path / weights_filename(arch)
-
-
-def weights_filename(arch: str) -> str:
-    return f"{arch}.safetensors"
 
 
 def max_weights_bytes(arch: str) -> int:
@@ -147,13 +157,6 @@ def _check_weights_size(bundle_path: Path, arch: str, size: int) -> None:
         )
 
 
-def compute_bundle_id(manifest: Mapping[str, Any]) -> str:
-    """sha256 of the canonical JSON of the manifest without its id; the first 16 hex digits."""
-    body = {key: value for key, value in manifest.items() if key != "bundle_id"}
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:BUNDLE_ID_LENGTH]
-
-
 def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -176,23 +179,12 @@ def _state_dict_for_safetensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _check_thresholds(architectures: list[str], thresholds: Mapping[str, float] | None) -> dict[str, float]:
-    given = dict(thresholds or {})
-    unknown = set(given) - set(architectures)
-    if unknown:
-        raise BundleError(f"thresholds given for networks not in the bundle: {', '.join(sorted(unknown))}")
-    out = {arch: float(given.get(arch, defaults.ENSEMBLE_THRESHOLD)) for arch in architectures}
-    for arch, value in out.items():
-        if not 0.0 <= value <= 1.0:
-            raise BundleError(f"threshold for {arch} must be within [0, 1], got {value}")
-    return out
-
-
 def save_bundle(
     out: Path | str,
     networks: Mapping[str, nn.Module],
     *,
     thresholds: Mapping[str, float] | None = None,
+    temperatures: Mapping[str, float] | None = None,
     ensemble_policy: str = "mean",
     ensemble_threshold: float = defaults.ENSEMBLE_THRESHOLD,
     provenance: Mapping[str, Any] | None = None,
@@ -202,7 +194,7 @@ def save_bundle(
     """Write ``networks`` as a bundle in the new (or empty) directory ``out`` and return it, verified.
 
     The directory appears only when complete (written beside it, then renamed). Thresholds default to
-    0.5; ``created_at`` defaults to now (UTC) and is part of the id.
+    0.5 and temperatures to 1; ``created_at`` defaults to now (UTC) and is part of the id.
     """
     import torch  # torch: only the functions that touch weights import it, so manifests read light
     import torchvision
@@ -243,7 +235,9 @@ def save_bundle(
                 "mean": [float(v) for v in IMAGENET_MEAN],
                 "std": [float(v) for v in IMAGENET_STD],
             },
-            "thresholds": _check_thresholds(architectures, thresholds),
+            "thresholds": check_thresholds(architectures, thresholds),
+            "temperature": check_temperatures(architectures, temperatures),
+            "head_relu": [arch for arch in architectures if has_head_relu(networks[arch], arch)],
             "ensemble": {"policy": ensemble_policy, "threshold": float(ensemble_threshold)},
             "created_at": created_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "provenance": dict(provenance or {}),
@@ -285,29 +279,10 @@ def read_manifest(path: Path | str) -> dict[str, Any]:
             f"bundle {path} has format_version {version!r}; this version of deepcovid reads "
             f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))} (upgrade deepcovid or re-export the bundle)"
         )
-    missing = [key for key in _REQUIRED_KEYS if key not in manifest]
+    missing = [key for key in REQUIRED_KEYS if key not in manifest]
     if missing:
         raise BundleError(f"{manifest_path} lacks {', '.join(missing)}")
     return manifest
-
-
-def _check_manifest_contents(path: Path, manifest: dict[str, Any]) -> None:
-    architectures = manifest["architectures"]
-    if not isinstance(architectures, list) or not architectures:
-        raise BundleError(f"bundle {path}: architectures must be a non-empty list")
-    unknown = [arch for arch in architectures if arch not in ARCHITECTURES]
-    if unknown:
-        raise BundleError(f"bundle {path} holds networks this version cannot build: {unknown}")
-    if tuple(manifest["classes"]) != CLASSES:
-        raise BundleError(f"bundle {path} has class order {manifest['classes']}, expected {list(CLASSES)}")
-    files = manifest["files"]
-    for arch in architectures:
-        if weights_filename(arch) not in files:
-            raise BundleError(f"bundle {path}: no weights file listed for {arch}")
-        if arch not in manifest["thresholds"]:
-            raise BundleError(f"bundle {path}: no threshold for {arch}")
-    if manifest["ensemble"].get("policy") not in POLICIES:
-        raise BundleError(f"bundle {path}: unknown ensemble policy {manifest['ensemble'].get('policy')!r}")
 
 
 def load_bundle(path: Path | str) -> Bundle:
@@ -320,7 +295,7 @@ def load_bundle(path: Path | str) -> Bundle:
             f"bundle {path} has been modified: its manifest hashes to {expected_id}, "
             f"but it claims id {manifest['bundle_id']}"
         )
-    _check_manifest_contents(path, manifest)
+    check_manifest_contents(path, manifest)
     archs_by_file = {weights_filename(arch): arch for arch in manifest["architectures"]}
     for name, entry in manifest["files"].items():
         if Path(name).name != name or name in (MANIFEST, "", ".", ".."):
@@ -362,7 +337,7 @@ def load_networks(
             state = load_safetensors(data)
         except SafetensorError as exc:
             raise BundleError(f"bundle {bundle.path}: {name} is not a valid safetensors file: {exc}") from exc
-        model = build_network(arch, "none")
+        model = build_network(arch, "none", head_relu=arch in bundle.head_relu)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:

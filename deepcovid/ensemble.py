@@ -13,6 +13,9 @@ Ensemble policies (the score is what ROC curves are drawn over; the decision is 
   COVID (the ensemble threshold is not used). Most sensitive, least specific.
 
 Disagreement is max - min of the networks' probabilities for the image.
+
+A network's probability is softmax(logits / T) with its bundle temperature T (1 for bundles without one):
+calibrated before any threshold, since the thresholds were chosen on calibrated validation probabilities.
 """
 
 from __future__ import annotations
@@ -141,6 +144,7 @@ class Ensemble:
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
         self.thresholds = {arch: bundle.thresholds[arch] for arch in self.architectures}
+        self.temperatures = {arch: bundle.temperatures[arch] for arch in self.architectures}
         self.policy = bundle.ensemble_policy
         self.ensemble_threshold = bundle.ensemble_threshold
 
@@ -237,7 +241,12 @@ class Ensemble:
         with torch.inference_mode():
             with autocast:
                 outputs = [self.networks[arch](inputs) for arch in architectures]
-            return torch.stack([torch.softmax(out.float(), dim=1)[:, COVID_INDEX] for out in outputs])
+            return torch.stack(
+                [
+                    torch.softmax(out.float() / self.temperatures[arch], dim=1)[:, COVID_INDEX]
+                    for arch, out in zip(architectures, outputs, strict=True)
+                ]
+            )
 
     def _executor(self) -> ThreadPoolExecutor:
         # A pool made before a fork has no threads in the child: make a new one there.

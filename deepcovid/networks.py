@@ -136,8 +136,15 @@ def _new_backbone(arch: str) -> nn.Module:
     return getattr(models, arch)(weights=None)
 
 
-def replace_head(model: nn.Module, arch: str) -> None:
-    """Swap the ImageNet head for a freshly initialised two-class one."""
+# Networks whose torchvision head ends in a ReLU before pooling: SqueezeNet's clamps every logit at 0,
+# so a head trained from scratch can die (both outputs 0 for every image). Bundles written before the
+# fix record it (``head_relu`` in the manifest) and are rebuilt with it, so their scores stay the same.
+RELU_HEAD_ARCHITECTURES: tuple[str, ...] = ("squeezenet1_1",)
+
+
+def replace_head(model: nn.Module, arch: str, *, head_relu: bool = False) -> None:
+    """Swap the ImageNet head for a freshly initialised two-class one (``head_relu``: keep SqueezeNet's
+    final ReLU, as bundles trained before it was dropped need)."""
     from torch import nn
 
     if arch in ("resnet18", "resnet50"):
@@ -145,15 +152,24 @@ def replace_head(model: nn.Module, arch: str) -> None:
     elif arch == "densenet121":
         model.classifier = nn.Linear(model.classifier.in_features, NUM_CLASSES)
     elif arch == "squeezenet1_1":
-        # Keep torchvision's Dropout -> 1x1 conv -> ReLU -> global average pool; only the conv changes.
+        # torchvision's Dropout -> 1x1 conv -> ReLU -> global average pool: the conv is new, and the ReLU
+        # becomes an Identity (same indices, so weight names are unchanged) unless asked to stay.
         old = model.classifier[1]
         conv = nn.Conv2d(old.in_channels, NUM_CLASSES, kernel_size=1)
         nn.init.normal_(conv.weight, mean=0.0, std=0.01)  # torchvision's init for this layer
         nn.init.constant_(conv.bias, 0.0)
         model.classifier[1] = conv
+        model.classifier[2] = nn.ReLU(inplace=True) if head_relu else nn.Identity()
         model.num_classes = NUM_CLASSES
     else:  # pragma: no cover - guarded by _check_arch
         raise ValueError(arch)
+
+
+def has_head_relu(model: nn.Module, arch: str) -> bool:
+    """Whether this network's head ends in a ReLU (SqueezeNet built with ``head_relu``)."""
+    from torch import nn
+
+    return arch in RELU_HEAD_ARCHITECTURES and isinstance(head_module(model, arch)[2], nn.ReLU)
 
 
 def _head_out_features(state: Mapping[str, torch.Tensor], arch: str) -> int | None:
@@ -177,7 +193,7 @@ def _load_into(model: nn.Module, arch: str, state: dict[str, torch.Tensor], sour
 
 
 def build_network(
-    arch: str, pretrained: Pretrained = "none", *, settings: Settings | None = None
+    arch: str, pretrained: Pretrained = "none", *, settings: Settings | None = None, head_relu: bool = False
 ) -> nn.Module:
     """Build ``arch`` with a two-class head.
 
@@ -185,20 +201,21 @@ def build_network(
     cache, then ``Settings.imagenet_weights_dir``) or a path to a checkpoint file or a directory holding
     torchvision's checkpoint file. A checkpoint may hold the ImageNet head (replaced after loading) or
     already a two-class head (kept). Raises ``PretrainedWeightsUnavailable`` rather than downloading.
+    ``head_relu`` keeps SqueezeNet's final ReLU (see ``RELU_HEAD_ARCHITECTURES``); only old bundles ask.
     """
     _check_arch(arch)
     model = _new_backbone(arch)
     if isinstance(pretrained, str) and pretrained == "none":
-        replace_head(model, arch)
+        replace_head(model, arch, head_relu=head_relu)
         return model
     source = locate_weights(arch, pretrained, settings)
     state = _read_state_dict(source)
     if _head_out_features(state, arch) == NUM_CLASSES:
-        replace_head(model, arch)
+        replace_head(model, arch, head_relu=head_relu)
         _load_into(model, arch, state, source)
     else:
         _load_into(model, arch, state, source)
-        replace_head(model, arch)
+        replace_head(model, arch, head_relu=head_relu)
     return model
 
 

@@ -74,16 +74,20 @@ def precision_drift(
     dtype: torch.dtype,
     device: torch.device,
     batch_size: int = 32,
+    temperatures: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
     """Per network, the largest |autocast(dtype) - fp32| COVID probability over uint8 ``images``
-    (``networks`` as ``prepare_network`` makes them, to measure what workers will run)."""
+    (``networks`` as ``prepare_network`` makes them and ``temperatures`` as the bundle's, to measure
+    what workers will run)."""
     worst = dict.fromkeys(networks, 0.0)
+    temperatures = temperatures or {}
     with torch.inference_mode():
         for start in range(0, int(images.shape[0]), batch_size):
             inputs = normalize(images[start : start + batch_size].to(device))  # as Ensemble._prepare does
             for arch, model in networks.items():
-                exact = torch.softmax(model(inputs).float(), dim=1)[:, COVID_INDEX]
+                t = float(temperatures.get(arch, 1.0))
+                exact = torch.softmax(model(inputs).float() / t, dim=1)[:, COVID_INDEX]
                 with torch.autocast(device_type=device.type, dtype=dtype):
-                    fast = torch.softmax(model(inputs).float(), dim=1)[:, COVID_INDEX]
+                    fast = torch.softmax(model(inputs).float() / t, dim=1)[:, COVID_INDEX]
                 worst[arch] = max(worst[arch], float((fast - exact).abs().max()))
     return worst

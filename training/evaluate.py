@@ -21,16 +21,17 @@ import numpy as np
 from db.schema import open_database
 from deepcovid import defaults
 from deepcovid.bundle import Bundle, load_bundle
-from deepcovid.ensemble import Ensemble
+from deepcovid.ensemble import Ensemble, combine
 from deepcovid.errors import UserError
 from deepcovid.pipeline import score_chunk
 from deepcovid.results import ENSEMBLE_KEY, ImageResult
 from deepcovid.settings import Settings, get_settings
 from deepcovid.storage import open_storage
+from training.calibration import calibration_summary, uncalibrated
 from training.data import Sample, class_counts, data_id, load_labelled
 from training.metrics import strict_json, summarize
 from training.registry import record_evaluation_for
-from training.report import render_report, write_plots
+from training.report import RELIABILITY, render_report, write_plots, write_reliability
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,21 @@ class Scored:
     thresholds: dict[str, float]
     policy: str
     failed: list[tuple[Sample, str]] = field(default_factory=list)
+    temperatures: dict[str, float] = field(default_factory=dict)  # per network; 1 where absent
 
     @property
     def scores(self) -> dict[str, np.ndarray]:
         """Every scorer's scores: each network's, then the ensemble's under ``ENSEMBLE_KEY``."""
         return {**self.probabilities, ENSEMBLE_KEY: self.ensemble_scores}
+
+    @property
+    def uncalibrated_scores(self) -> dict[str, np.ndarray]:
+        """``scores`` as they would be without temperature scaling (for the before/after comparison)."""
+        raw = {
+            arch: uncalibrated(p, self.temperatures.get(arch, 1.0)) for arch, p in self.probabilities.items()
+        }
+        ensemble = combine(raw, self.thresholds, self.policy, self.thresholds[ENSEMBLE_KEY]).ensemble_score
+        return {**raw, ENSEMBLE_KEY: ensemble}
 
 
 def score_samples(
@@ -105,6 +116,7 @@ def _assemble(ensemble: Ensemble, samples: Sequence[Sample], results: Sequence[I
         thresholds={**ensemble.thresholds, ENSEMBLE_KEY: ensemble.ensemble_threshold},
         policy=ensemble.policy,
         failed=[(s, r.reason or "") for s, r in zip(samples, results, strict=True) if not r.scored],
+        temperatures=dict(ensemble.temperatures),
     )
 
 
@@ -166,6 +178,7 @@ def evaluate_bundle(
             "precision": ensemble.precision,
             "policy": scored.policy,
             "thresholds": scored.thresholds,
+            "temperatures": scored.temperatures,
             "n_images": len(samples),
             "n_scored": int(scored.labels.size),
             "counts": class_counts(scored.samples),
@@ -173,6 +186,9 @@ def evaluate_bundle(
             "operating": _operating(per_scorer[ENSEMBLE_KEY]),
             "models": {k: v for k, v in per_scorer.items() if k != ENSEMBLE_KEY},
             ENSEMBLE_KEY: per_scorer[ENSEMBLE_KEY],
+            "calibration": calibration_summary(
+                scored.labels, scored.uncalibrated_scores, scored.scores, scored.temperatures
+            ),
             "caveats": list(CAVEATS),
         }
     )
@@ -199,6 +215,8 @@ def _write_report(
 ) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_plots(scored.labels, scored.scores, scored.thresholds, scored.policy, per_scorer, out_dir)
+    before, calibration = scored.uncalibrated_scores, metrics["calibration"]
+    write_reliability(scored.labels, before, scored.scores, calibration, out_dir / RELIABILITY)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     (out_dir / "report.md").write_text(render_report(metrics), encoding="utf-8")
 

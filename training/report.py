@@ -1,5 +1,6 @@
-"""The evaluation report: report.md and its plots (ROC, precision-recall, calibration, histograms, confusion
-matrices), drawn from the scores and the metrics ``training.evaluate`` computed.
+"""The evaluation report: report.md and its plots (ROC, precision-recall, calibration, reliability before
+and after temperature scaling, histograms, confusion matrices), drawn from the scores and the metrics
+``training.evaluate`` computed.
 
 Plots are drawn on matplotlib ``Figure`` objects, not pyplot: no global figure state, no GUI backend.
 """
@@ -15,15 +16,17 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from deepcovid.results import ENSEMBLE_KEY
+from training.calibration import ECE_BINS, reliability_bins
 from training.data import LABELS
 from training.metrics import pr_points, roc_points
 
 Scores = Mapping[str, np.ndarray]  # per scorer (each network, then ENSEMBLE_KEY), one score per image
+RELIABILITY = "reliability.png"
 
 
 def plot_names(scorers: Sequence[str]) -> list[str]:
-    """Every PNG ``write_plots`` produces for these scorers."""
-    names = ["roc.png", "pr.png", "calibration.png"]
+    """Every PNG of a report for these scorers: ``write_plots``'s, and ``write_reliability``'s."""
+    names = ["roc.png", "pr.png", "calibration.png", RELIABILITY]
     for name in scorers:
         names += [f"histogram_{name}.png", f"confusion_{name}.png"]
     return names
@@ -110,6 +113,39 @@ def _calibration(scores: Scores, per_scorer: Mapping[str, dict[str, Any]], path:
     return _save(fig, path)
 
 
+def write_reliability(
+    labels: np.ndarray,
+    before: Scores,
+    after: Scores,
+    calibration: Mapping[str, Mapping[str, Any]],
+    path: Path,
+) -> Path:
+    """Reliability diagrams (``ECE_BINS`` equal-width bins), one panel per scorer: observed COVID fraction
+    against mean predicted probability, before and after temperature scaling, with both ECEs."""
+    names = list(after)
+    fig = Figure(figsize=(4 * len(names), 4.4))
+    axes = np.atleast_1d(fig.subplots(1, len(names)))
+    for ax, name in zip(axes, names, strict=True):
+        ax.plot([0, 1], [0, 1], ls=":", color="grey")
+        cal = calibration.get(name, {})
+        for scores, key, style, label in (
+            (before, "ece_before", "s--", "before"),
+            (after, "ece_after", "o-", "after"),
+        ):
+            bins = reliability_bins(labels, scores[name])
+            ax.plot(bins["predicted"], bins["observed"], style, label=f"{label} (ECE {_ece(cal.get(key))})")
+        temperature = cal.get("temperature")
+        title = name if temperature is None else f"{name} (T = {temperature:.3f})"
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="mean predicted COVID probability", title=title)
+        ax.legend(loc="upper left", fontsize=8)
+    axes[0].set_ylabel(f"observed COVID fraction ({ECE_BINS} bins)")
+    return _save(fig, path)
+
+
+def _ece(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def _histogram(
     name: str, labels: np.ndarray, s: np.ndarray, threshold: float, policy: str, path: Path
 ) -> Path:
@@ -167,6 +203,7 @@ def render_report(metrics: Mapping[str, Any]) -> str:
     """report.md: summary across scorers, then the paper's threshold table per scorer."""
     scorers = {**metrics["models"], ENSEMBLE_KEY: metrics[ENSEMBLE_KEY]}
     lines = _summary(metrics, scorers)
+    lines += _calibration_section(metrics.get("calibration"))
     for name, m in scorers.items():
         lines += _scorer_section(name, m)
     lines += _caveats(metrics)
@@ -203,6 +240,25 @@ def _summary(metrics: Mapping[str, Any], scorers: Mapping[str, dict[str, Any]]) 
         )
     lines += ["", "![ROC](roc.png) ![Precision-recall](pr.png) ![Calibration](calibration.png)", ""]
     return lines
+
+
+def _calibration_section(calibration: Mapping[str, Mapping[str, Any]] | None) -> list[str]:
+    """Each scorer's temperature and its ECE before and after temperature scaling."""
+    if not calibration:
+        return []
+    lines = [
+        "## Calibration",
+        "",
+        f"Temperature scaling (fitted on validation), ECE over {ECE_BINS} equal-width bins on this data.",
+        "",
+        "| scorer | temperature | ECE before | ECE after |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, c in calibration.items():
+        t = "-" if c.get("temperature") is None else f"{c['temperature']:.3f}"
+        label = "**ensemble**" if name == ENSEMBLE_KEY else name
+        lines.append(f"| {label} | {t} | {_ece(c.get('ece_before'))} | {_ece(c.get('ece_after'))} |")
+    return lines + ["", f"![Reliability]({RELIABILITY})", ""]
 
 
 def _scorer_section(name: str, m: Mapping[str, Any]) -> list[str]:

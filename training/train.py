@@ -54,12 +54,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Evaluation:
-    """One pass over labelled data: COVID probabilities, labels, mean loss and ROC AUC."""
+    """One pass over labelled data: COVID probabilities, labels, mean loss and ROC AUC, and the logits
+    [N, classes] that temperature scaling is fitted on."""
 
     probabilities: np.ndarray
     labels: np.ndarray
     loss: float
     auc: float
+    logits: np.ndarray
 
 
 @dataclass
@@ -151,7 +153,7 @@ def evaluate(
     """COVID probabilities (softmax, class ``COVID_INDEX``) over ``loader`` with loss and AUC."""
     criterion = criterion or nn.CrossEntropyLoss()
     model.eval()
-    probabilities, labels_all = [], []
+    probabilities, labels_all, logits_all = [], [], []
     total, count = 0.0, 0
     for images, labels in loader:
         inputs = _to_model_input(images, device)
@@ -163,9 +165,11 @@ def evaluate(
         count += labels.shape[0]
         probabilities.append(logits.softmax(dim=1)[:, COVID_INDEX].cpu().numpy())
         labels_all.append(labels.cpu().numpy())
+        logits_all.append(logits.cpu().numpy())
     p = np.concatenate(probabilities) if probabilities else np.empty(0)
     y = np.concatenate(labels_all) if labels_all else np.empty(0, dtype=int)
-    return Evaluation(probabilities=p, labels=y, loss=total / max(count, 1), auc=roc_auc(y, p))
+    z = np.concatenate(logits_all) if logits_all else np.empty((0, 2))
+    return Evaluation(probabilities=p, labels=y, loss=total / max(count, 1), auc=roc_auc(y, p), logits=z)
 
 
 @torch.no_grad()
@@ -383,13 +387,16 @@ def _reproducible(enabled: bool, device: torch.device) -> Iterator[None]:
 def _validate(
     fits: dict[str, FitResult], val: DecodedSet, args: TrainArgs, device: torch.device
 ) -> ValidationRecord:
-    """Thresholds and the bundle's validation metrics, from the trained networks' scores on validation."""
+    """Temperatures, then thresholds on the calibrated probabilities, and the bundle's validation metrics,
+    from the trained networks' logits on validation."""
     loader = _eval_loader(val, args, device)
-    probabilities = {arch: evaluate(fit.model, loader, device).probabilities for arch, fit in fits.items()}
-    record = validation_record(val.labels.numpy(), probabilities, args.target_sensitivity)
+    logits = {arch: evaluate(fit.model, loader, device).logits for arch, fit in fits.items()}
+    record = validation_record(val.labels.numpy(), logits, args.target_sensitivity)
     if args.bf16_check_images > 0:
         models = {arch: fit.model for arch, fit in fits.items()}
-        record.metrics[BF16_CHECK_KEY] = bf16_check(models, val.images, args.bf16_check_images)
+        record.metrics[BF16_CHECK_KEY] = bf16_check(
+            models, val.images, args.bf16_check_images, record.temperatures
+        )
     return record
 
 
@@ -402,7 +409,8 @@ def _report_on_test(bundle: Bundle, test: Sequence[Sample], args: TrainArgs) -> 
 
 
 def main(args: TrainArgs) -> Bundle:
-    """Train every requested network, choose thresholds on validation data, write the bundle.
+    """Train every requested network, fit temperatures then choose thresholds on validation data, write
+    the bundle.
 
     Returns the saved bundle. With a test set, also writes an evaluation report.
     """
@@ -423,6 +431,7 @@ def main(args: TrainArgs) -> Bundle:
         args.out,
         {arch: fit.model.to("cpu").float() for arch, fit in fits.items()},
         thresholds=record.thresholds,
+        temperatures=record.temperatures,
         ensemble_policy=POLICY,
         ensemble_threshold=record.ensemble_threshold,
         provenance=made,

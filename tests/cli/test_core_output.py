@@ -40,3 +40,20 @@ def test_bundle_show_rounds_thresholds_and_metrics(tmp_path: Path, monkeypatch: 
     as_json = json.loads(CliRunner().invoke(app, ["bundle", "show", str(bundle.path), "--json"]).stdout)
     assert as_json["thresholds"]["squeezenet1_1"] == 0.123456789
     assert as_json["metrics"]["operating"]["sensitivity"] == 1 / 3
+
+
+def test_bundle_show_lists_each_networks_temperature(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from deepcovid.bundle import save_bundle
+    from deepcovid.networks import build_network
+
+    monkeypatch.setenv("COLUMNS", "120")
+    torch.manual_seed(0)
+    networks = {"squeezenet1_1": build_network("squeezenet1_1", pretrained="none")}
+    bundle = save_bundle(tmp_path / "b", networks, temperatures={"squeezenet1_1": 2.345678})
+    shown = CliRunner().invoke(app, ["bundle", "show", str(bundle.path)])
+    assert shown.exit_code == 0, shown.output
+    assert "squeezenet1_1  threshold 0.500  temperature 2.346" in shown.stdout
+    as_json = json.loads(CliRunner().invoke(app, ["bundle", "show", str(bundle.path), "--json"]).stdout)
+    assert as_json["temperature"] == {"squeezenet1_1": 2.345678} and as_json["format_version"] == 2

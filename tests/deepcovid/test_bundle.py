@@ -72,7 +72,8 @@ def test_round_trip_keeps_every_tensor(small_bundle: Bundle, small_networks: dic
 
 def test_manifest_records_what_scoring_needs(small_bundle: Bundle) -> None:
     manifest = json.loads((small_bundle.path / MANIFEST).read_text())
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2
+    assert manifest["temperature"] == {"squeezenet1_1": 1.0, "resnet18": 1.0} and manifest["head_relu"] == []
     assert manifest["bundle_id"] == small_bundle.bundle_id == compute_bundle_id(manifest)
     assert len(small_bundle.bundle_id) == 16
     assert manifest["classes"] == ["non_covid", "covid"] and manifest["covid_index"] == 1
@@ -165,7 +166,7 @@ def test_a_missing_manifest_is_detected(squeeze_bundle: Bundle, tmp_path: Path) 
         load_bundle(copy)
 
 
-@pytest.mark.parametrize("version", [2, None, "1"])
+@pytest.mark.parametrize("version", [3, None, "1"])
 def test_unknown_format_versions_are_refused(squeeze_bundle: Bundle, tmp_path: Path, version: object) -> None:
     copy = _copy(squeeze_bundle, tmp_path)
     manifest = json.loads((copy / MANIFEST).read_text())

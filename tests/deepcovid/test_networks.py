@@ -176,3 +176,51 @@ def test_pickled_code_is_not_executed(tmp_path: Path) -> None:
     with pytest.raises(PretrainedWeightsUnavailable, match="cannot read"):
         build_network("resnet18", path)
     assert not Path("should-not-exist").exists()
+
+
+def _train_squeezenet_from_scratch(*, head_relu: bool) -> torch.Tensor:
+    """Eight Adam steps at 1e-2 on 16 synthetic 48 px radiographs, from random weights; the eval-mode
+    logits of those images after."""
+    import numpy as np
+
+    from deepcovid.batches import normalize
+    from training.synthetic import make_xray
+
+    images = np.stack([make_xray(48, opacity=i % 2 == 0, seed=i) for i in range(16)])
+    inputs = normalize(torch.from_numpy(images)[:, None].repeat(1, 3, 1, 1))
+    labels = torch.tensor([1 - i % 2 for i in range(16)])
+    torch.manual_seed(0)
+    model = build_network("squeezenet1_1", "none", head_relu=head_relu)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(8):
+        loss = torch.nn.functional.cross_entropy(model(inputs), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.inference_mode():
+        return model.eval()(inputs)
+
+
+def test_squeezenet_trained_from_scratch_keeps_its_outputs_alive() -> None:
+    """torchvision's head ends in a ReLU: once the 1x1 conv goes negative everywhere, both logits are 0
+    for every image and no gradient brings them back (shown with ``head_relu=True``). Without it the
+    outputs stay alive and tell the images apart."""
+    dead = _train_squeezenet_from_scratch(head_relu=True)
+    assert torch.count_nonzero(dead) == 0  # the collapse, as bundles trained before the fix could suffer
+
+    alive = _train_squeezenet_from_scratch(head_relu=False)
+    assert torch.count_nonzero(alive) == alive.numel()
+    margin = alive[:, COVID_INDEX] - alive[:, 1 - COVID_INDEX]
+    assert float(margin.max() - margin.min()) > 1e-3  # not one answer for every image
+
+
+def test_only_squeezenet_built_with_head_relu_keeps_it() -> None:
+    from torch import nn
+
+    from deepcovid.networks import has_head_relu
+
+    assert isinstance(build_network("squeezenet1_1", "none").classifier[2], nn.Identity)
+    assert not has_head_relu(build_network("squeezenet1_1", "none"), "squeezenet1_1")
+    assert has_head_relu(build_network("squeezenet1_1", "none", head_relu=True), "squeezenet1_1")
+    assert not has_head_relu(build_network("resnet18", "none", head_relu=True), "resnet18")

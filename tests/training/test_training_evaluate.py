@@ -65,6 +65,16 @@ def test_evaluate_writes_report_and_records_metrics(
     assert "| threshold | sensitivity (95% CI) | specificity (95% CI) |" in report
     assert "(operating)" in report and "not for clinical use" in report and "±" in report
 
+    # Calibration: the bundle's temperatures, the reliability diagram, and the ECE before and after.
+    assert metrics["temperatures"] == bundle.temperatures
+    assert (out / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![Reliability](reliability.png)" in report
+    assert "| scorer | temperature | ECE before | ECE after |" in report
+    for name in [*bundle.architectures, ENSEMBLE]:
+        ece = metrics["calibration"][name]
+        assert 0 <= ece["ece_before"] <= 1 and 0 <= ece["ece_after"] <= 1
+        assert f"{ece['ece_before']:.3f} | {ece['ece_after']:.3f} |" in report
+
     # Recorded against the bundle, which evaluate registered (but did not activate).
     record = get_bundle(configured_database, bundle.bundle_id)
     stored = record.metrics["evaluations"][metrics["eval_data_id"]]

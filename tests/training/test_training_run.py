@@ -111,5 +111,21 @@ def test_the_bundle_records_its_bf16_drift_on_validation_images(trained) -> None
     served = {
         arch: prepare_network(model, torch.device("cpu")) for arch, model in load_networks(bundle).items()
     }
-    again = precision_drift(served, images[: args.bf16_check_images], torch.bfloat16, torch.device("cpu"))
+    again = precision_drift(
+        served,
+        images[: args.bf16_check_images],
+        torch.bfloat16,
+        torch.device("cpu"),
+        temperatures=bundle.temperatures,
+    )
     assert again[TRAIN_ARCH] == pytest.approx(recorded[TRAIN_ARCH], abs=1e-5)
+
+
+def test_the_bundle_records_the_temperature_fitted_on_validation(trained) -> None:
+    bundle, _, _ = trained
+    validation = bundle.metrics["validation"]
+    temperature = bundle.temperatures[TRAIN_ARCH]
+    assert bundle.manifest["format_version"] == 2 and temperature > 0
+    assert validation["temperature"][TRAIN_ARCH] == pytest.approx(temperature, abs=1e-6)
+    ece = validation["calibration"][TRAIN_ARCH]
+    assert ece["temperature"] == pytest.approx(temperature)
