@@ -38,7 +38,7 @@ from deepcovid.batches import collate
 from deepcovid.decode import decode
 from deepcovid.ensemble import Ensemble, combine
 from deepcovid.networks import COVID_INDEX
-from deepcovid.preprocess import INPUT_SIZE, crop_box, load_image, resized_size
+from deepcovid.preprocess import INPUT_SIZE, crop_box, load_image
 from deepcovid.results import ENSEMBLE_KEY
 
 # arch -> (module path, whether the map is taken at that module's input rather than its output)
@@ -61,8 +61,7 @@ class CropGeometry:
 
     @classmethod
     def for_size(cls, width: int, height: int) -> CropGeometry:
-        new_w, new_h = resized_size(width, height)
-        return cls(width, height, min(new_w / width, new_h / height), crop_box(width, height))
+        return cls(width, height, INPUT_SIZE / min(width, height), crop_box(width, height))
 
     def to_original(self, x: float, y: float) -> tuple[float, float]:
         """A point of the 224x224 map (pixel units) in original-image pixels."""
