@@ -59,6 +59,18 @@ def test_a_file_s_map_explains_the_score_the_pipeline_gives_it(tiny_ensemble: En
     assert (explained.geometry.width, explained.geometry.height) == (600, 420)
 
 
+def test_maps_under_bf16_autocast_explain_the_bf16_scores(tiny_bundle_path: Path) -> None:
+    """The precision rules hold for maps too: the forward pass that makes them runs in the same autocast."""
+    ensemble = Ensemble.from_bundle(tiny_bundle_path, device="cpu", precision="fp32")
+    ensemble.autocast_dtype = torch.bfloat16  # as autocast_dtype() chooses on a CPU with native bf16
+    batch = torch.from_numpy(synthetic_batch(2, seed=6))
+    scored = ensemble.score(batch)
+    for i, explanation in enumerate(explain_batch(ensemble, batch)):
+        for arch in ensemble.architectures:
+            assert explanation.probabilities[arch] == pytest.approx(scored.probabilities[arch][i], abs=1e-6)
+            assert explanation.maps[arch].dtype == np.float32 and explanation.maps[arch].std() > 1e-3
+
+
 def test_policy_weights() -> None:
     probs = {"a": 0.2, "b": 0.9, "c": 0.4}
     assert policy_weights("mean", probs) == pytest.approx({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3})
