@@ -108,7 +108,10 @@ def _bundle(bundle: str | None) -> Bundle:
     from cli.jobs import database
     from db.registry import active_bundle
 
-    record = active_bundle(database())
+    try:
+        record = active_bundle(database())
+    except UserError as exc:  # e.g. a fresh data dir: no registry to read an active bundle from
+        raise UserError(ExitCode.NO_BUNDLE, f"no --bundle and no active bundle ({exc.message})") from None
     if record is None:
         raise UserError(ExitCode.NO_BUNDLE, "no active bundle: pass --bundle BUNDLE_DIR or a bundle id")
     try:

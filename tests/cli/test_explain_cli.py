@@ -127,3 +127,13 @@ def test_an_unknown_network_is_a_usage_error(bundle_dir: Path, images: list[Path
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert "--arch vgg16" in result.stderr and "Traceback" not in result.output
+
+
+def test_without_a_bundle_on_a_fresh_data_dir_it_asks_for_one(
+    images: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DEEPCOVID_DATABASE_URL")  # the data dir's SQLite file, never created
+    get_settings.cache_clear()
+    result = runner.invoke(app, ["explain", str(images[0]), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 16, result.output
+    assert "no --bundle and no active bundle" in result.stderr and "Traceback" not in result.output
