@@ -11,7 +11,7 @@ from importlib.metadata import version as package_version
 
 import typer
 
-from cli import core, db, jobs, scan, training, worker
+from cli import core, db, explain, jobs, scan, training, worker
 from cli.render import error, guarded, warning
 from deepcovid.exitcodes import ExitCode, help_text
 from deepcovid.settings import unknown_variables
@@ -66,6 +66,7 @@ app.command("audit")(guarded(jobs.audit_command))
 app.command("demo-data")(guarded(training.demo_data_command))
 app.command("train")(guarded(training.train_command))
 app.command("evaluate")(guarded(training.evaluate_command))
+app.command("explain")(guarded(explain.explain_command))
 app.command("worker")(guarded(worker.worker_command))
 
 bundle_app.command("init")(guarded(core.bundle_init_command))

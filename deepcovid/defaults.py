@@ -108,6 +108,10 @@ RESULTS_TABLE_ROWS = 50
 JOBS_LISTED = 20
 """Recent jobs ``jobs`` lists unless told otherwise."""
 
+OVERLAY_MAX_SIDE = 1024
+"""Pixels: the longest side of an explanation overlay PNG; enough to see the lungs, small enough to store
+one per flagged image."""
+
 # --- training (Minaee et al. 2020 unless said) ----------------------------------------------------
 
 EPOCHS = 100

@@ -34,8 +34,8 @@ class ExitCode(IntEnum):
 
 _MEANINGS: dict[ExitCode, str] = {
     ExitCode.OK: "success (for `inspect`: every file decoded; for `enqueue`: queued, or nothing to do)",
-    ExitCode.FAILURES: "some files failed (`inspect`, and `screen` unless `--allow-failures`), a job "
-    "finished with failed images (`status --check`), a refused promotion, a bundle or training error",
+    ExitCode.FAILURES: "some files failed (`inspect`, `explain`, and `screen` unless `--allow-failures`), "
+    "a job finished with failed images (`status --check`), a refused promotion, a bundle or training error",
     ExitCode.USAGE: "usage error (bad option, missing path for `inspect`)",
     ExitCode.SCHEMA_NOT_CURRENT: "database schema not current: run `deepcovid db upgrade`",
     ExitCode.BAD_SETTING: "a setting (a DEEPCOVID_* variable or .env) has a value that is not allowed",

@@ -1,0 +1,184 @@
+"""Grad-CAM maps for the COVID class: one per network of a loaded ``Ensemble``, and one for the ensemble.
+
+The maps come from ``Ensemble.networks`` as scoring runs them (BatchNorm folded, channels_last, the
+ensemble's autocast precision), and the forward pass that makes a map also gives the probability it
+explains, so a map always explains the score stored for the same input.
+
+Library: captum's ``LayerGradCam``. Measured per image on this shared 2-core CPU (random weights,
+fp32, channels_last, mean of 5 after a warm-up), captum / pytorch-grad-cam in ms, two runs: resnet18
+63 / 128 and 457 / 967, resnet50 526 / 265 and 1132 / 3002, densenet121 188 / 363 and 4605 / 4418,
+squeezenet1_1 22 / 43 and 12 / 26 (other jobs shared the cores: the runs disagree, the ratio mostly
+does not). Captum was faster in 6 of 8: it backpropagates only from the output to the hooked layer
+(the networks' parameters need no gradient), pytorch-grad-cam through the whole network to the
+input; it is also lighter (pytorch-grad-cam pulls in opencv).
+
+Layers (the last convolutional block; hooked on a module the folded ``torch.fx`` graph still calls):
+- resnet18/50: ``layer4``'s output, as the input of ``avgpool`` (``layer4`` itself is not called as a
+  module once torch.fx has folded BatchNorm).
+- densenet121: ``features`` after ``norm5``, the output of ``features.norm5``.
+- squeezenet1_1: the last Fire module ``features[-1]`` (512 channels, 13x13), as the input of the
+  classifier's dropout. Not the classifier's final 1x1 conv: it has one channel per class, where
+  Grad-CAM reduces to the COVID channel's own activation and loses what 512 channels tell apart.
+
+The ensemble map: each network's map (ReLU, upsampled bilinearly to 224x224) divided by its maximum,
+then averaged with the policy's weights: ``mean`` and ``majority`` weigh every network equally (as
+their scores do), ``any`` puts all weight on the network(s) giving the highest probability (its score).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from deepcovid.batches import collate
+from deepcovid.decode import decode
+from deepcovid.ensemble import Ensemble, combine
+from deepcovid.networks import COVID_INDEX
+from deepcovid.preprocess import INPUT_SIZE, crop_box, load_image
+from deepcovid.results import ENSEMBLE_KEY
+
+# arch -> (module path, whether the map is taken at that module's input rather than its output)
+GRADCAM_LAYERS: dict[str, tuple[str, bool]] = {
+    "resnet18": ("avgpool", True),
+    "resnet50": ("avgpool", True),
+    "densenet121": ("features.norm5", False),
+    "squeezenet1_1": ("classifier.0", True),
+}
+
+
+@dataclass(frozen=True)
+class CropGeometry:
+    """Where a 224x224 map lies on the original image as displayed (EXIF-rotated, MONOCHROME1 inverted)."""
+
+    width: int
+    height: int
+    scale: float  # resized / original, the shorter side brought to 224
+    box: tuple[float, float, float, float]  # (left, top, right, bottom) of the crop, original pixels
+
+    @classmethod
+    def for_size(cls, width: int, height: int) -> CropGeometry:
+        return cls(width, height, INPUT_SIZE / min(width, height), crop_box(width, height))
+
+    def to_original(self, x: float, y: float) -> tuple[float, float]:
+        """A point of the 224x224 map (pixel units) in original-image pixels."""
+        left, top, right, bottom = self.box
+        return left + x * (right - left) / INPUT_SIZE, top + y * (bottom - top) / INPUT_SIZE
+
+    def as_dict(self) -> dict[str, object]:
+        return {"width": self.width, "height": self.height, "scale": self.scale, "box": list(self.box)}
+
+
+@dataclass
+class Explanation:
+    """The maps of one image (float32 224x224 in [0, 1]) and the probability each explains; keyed by
+    architecture and by ``ENSEMBLE_KEY``."""
+
+    maps: dict[str, np.ndarray]
+    probabilities: dict[str, float]
+
+
+def gradcam(
+    model: torch.nn.Module,
+    arch: str,
+    inputs: torch.Tensor,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Grad-CAM maps ``[B,224,224]`` (each scaled to [0, 1]) for the COVID class, and the COVID
+    probabilities ``[B]`` of the same forward pass. ``inputs`` are normalised, on the model's device."""
+    name, at_input = GRADCAM_LAYERS[arch]
+    return gradcam_at(model, model.get_submodule(name), inputs, at_input, autocast_dtype)
+
+
+def gradcam_at(
+    model: torch.nn.Module,
+    layer: torch.nn.Module,
+    inputs: torch.Tensor,
+    at_input: bool = False,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``gradcam`` at any layer: the one code path the four networks and the tests' small CNN share."""
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    outputs: list[torch.Tensor] = []
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        out = model(x)
+        outputs.append(out)
+        return out
+
+    autocast = (
+        torch.autocast(device_type=inputs.device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    with torch.inference_mode(False), torch.enable_grad(), autocast:
+        cam = LayerGradCam(forward, layer).attribute(
+            inputs, target=COVID_INDEX, relu_attributions=True, attribute_to_layer_input=at_input
+        )
+    cam = LayerAttribution.interpolate(cam.detach().float(), (INPUT_SIZE, INPUT_SIZE), "bilinear")
+    cam = cam[:, 0].clamp_min(0)
+    peak = cam.flatten(1).amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+    maps = (cam / peak[:, None, None]).to("cpu", dtype=torch.float32).numpy()
+    covid = torch.softmax(outputs[-1].detach().float(), dim=1)[:, COVID_INDEX]
+    return maps, covid.to("cpu", dtype=torch.float64).numpy()
+
+
+def policy_weights(policy: str, probabilities: Mapping[str, float]) -> dict[str, float]:
+    """Each network's weight in the ensemble map of one image (see the module doc)."""
+    archs = list(probabilities)
+    if policy == "any":
+        best = max(probabilities.values())
+        top = [a for a in archs if probabilities[a] == best]
+        return {a: (1.0 / len(top) if a in top else 0.0) for a in archs}
+    return {a: 1.0 / len(archs) for a in archs}
+
+
+def explain_batch(ensemble: Ensemble, batch: torch.Tensor | np.ndarray) -> list[Explanation]:
+    """Maps and explained probabilities for every image of a uint8 ``[B,3,224,224]`` batch."""
+    inputs = ensemble._prepare(torch.as_tensor(batch))
+    per_arch = {
+        arch: gradcam(ensemble.networks[arch], arch, inputs, ensemble.autocast_dtype)
+        for arch in ensemble.architectures
+    }
+    scored = combine(
+        {arch: probs for arch, (_, probs) in per_arch.items()},
+        ensemble.thresholds,
+        ensemble.policy,
+        ensemble.ensemble_threshold,
+    )
+    explanations = []
+    for i in range(len(scored)):
+        probs = {arch: float(per_arch[arch][1][i]) for arch in ensemble.architectures}
+        weights = policy_weights(ensemble.policy, probs)
+        maps = {arch: per_arch[arch][0][i] for arch in ensemble.architectures}
+        combined = sum(weights[arch] * maps[arch] for arch in ensemble.architectures)
+        maps[ENSEMBLE_KEY] = np.asarray(combined, dtype=np.float32)
+        probs[ENSEMBLE_KEY] = float(scored.ensemble_score[i])
+        explanations.append(Explanation(maps, probs))
+    return explanations
+
+
+@dataclass
+class ExplainedImage:
+    """One file's explanation, where it lies on the image, and the image as displayed (uint8)."""
+
+    explanation: Explanation
+    geometry: CropGeometry
+    pixels: np.ndarray
+
+
+def explain_bytes(ensemble: Ensemble, data: bytes, *, name: str = "") -> ExplainedImage:
+    """Explain one image file; raises only ``DecodeError``.
+
+    The networks get exactly the pipeline's input (``load_image``); the image is decoded a second
+    time at full size (EXIF-rotated, MONOCHROME1 inverted) for drawing the map on.
+    """
+    model_input, _ = load_image(data, name=name)
+    shown = decode(data, name=name)
+    height, width = shown.pixels.shape[:2]
+    (explanation,) = explain_batch(ensemble, collate([model_input]))
+    return ExplainedImage(explanation, CropGeometry.for_size(width, height), shown.pixels)
