@@ -86,11 +86,13 @@ def gradcam(
     arch: str,
     inputs: torch.Tensor,
     autocast_dtype: torch.dtype | None = None,
+    temperature: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Grad-CAM maps ``[B,224,224]`` (each scaled to [0, 1]) for the COVID class, and the COVID
-    probabilities ``[B]`` of the same forward pass. ``inputs`` are normalised, on the model's device."""
+    probabilities ``[B]`` of the same forward pass, calibrated with the network's ``temperature`` as the
+    Ensemble scores them. ``inputs`` are normalised, on the model's device."""
     name, at_input = GRADCAM_LAYERS[arch]
-    return gradcam_at(model, model.get_submodule(name), inputs, at_input, autocast_dtype)
+    return gradcam_at(model, model.get_submodule(name), inputs, at_input, autocast_dtype, temperature)
 
 
 def gradcam_at(
@@ -99,8 +101,12 @@ def gradcam_at(
     inputs: torch.Tensor,
     at_input: bool = False,
     autocast_dtype: torch.dtype | None = None,
+    temperature: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``gradcam`` at any layer: the one code path the four networks and the tests' small CNN share."""
+    """``gradcam`` at any layer: the one code path the four networks and the tests' small CNN share.
+
+    The temperature divides the logits for the probability only: it scales the COVID logit's gradients
+    uniformly, so the map, scaled to [0, 1], is the same."""
     from captum.attr import LayerAttribution, LayerGradCam
 
     outputs: list[torch.Tensor] = []
@@ -123,7 +129,7 @@ def gradcam_at(
     cam = cam[:, 0].clamp_min(0)
     peak = cam.flatten(1).amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
     maps = (cam / peak[:, None, None]).to("cpu", dtype=torch.float32).numpy()
-    covid = torch.softmax(outputs[-1].detach().float(), dim=1)[:, COVID_INDEX]
+    covid = torch.softmax(outputs[-1].detach().float() / temperature, dim=1)[:, COVID_INDEX]
     return maps, covid.to("cpu", dtype=torch.float64).numpy()
 
 
@@ -141,7 +147,9 @@ def explain_batch(ensemble: Ensemble, batch: torch.Tensor | np.ndarray) -> list[
     """Maps and explained probabilities for every image of a uint8 ``[B,3,224,224]`` batch."""
     inputs = ensemble._prepare(torch.as_tensor(batch))
     per_arch = {
-        arch: gradcam(ensemble.networks[arch], arch, inputs, ensemble.autocast_dtype)
+        arch: gradcam(
+            ensemble.networks[arch], arch, inputs, ensemble.autocast_dtype, ensemble.temperatures[arch]
+        )
         for arch in ensemble.architectures
     }
     scored = combine(

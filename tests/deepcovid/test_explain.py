@@ -71,6 +71,17 @@ def test_maps_under_bf16_autocast_explain_the_bf16_scores(tiny_bundle_path: Path
             assert explanation.maps[arch].dtype == np.float32 and explanation.maps[arch].std() > 1e-3
 
 
+def test_maps_explain_calibrated_scores(tiny_bundle_path: Path) -> None:
+    """With a bundle temperature, the explained probability is the calibrated one the Ensemble stores."""
+    ensemble = Ensemble.from_bundle(tiny_bundle_path, device="cpu", precision="fp32")
+    ensemble.temperatures = dict.fromkeys(ensemble.architectures, 2.5)
+    batch = torch.from_numpy(synthetic_batch(2, seed=8))
+    scored = ensemble.score(batch)
+    for i, explanation in enumerate(explain_batch(ensemble, batch)):
+        for arch in ensemble.architectures:
+            assert explanation.probabilities[arch] == pytest.approx(scored.probabilities[arch][i], abs=1e-6)
+
+
 def test_policy_weights() -> None:
     probs = {"a": 0.2, "b": 0.9, "c": 0.4}
     assert policy_weights("mean", probs) == pytest.approx({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3})
