@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.markup import escape
 
-from cli.render import console, rows_table, score, show
+from cli.render import console, fail, rows_table, score, show
 from deepcovid.errors import UserError
 from deepcovid.exitcodes import ExitCode
 from deepcovid.settings import get_settings
@@ -43,7 +44,7 @@ def explain_command(
 
     loaded = _bundle(bundle)
     names = _maps(arch, loaded.architectures)
-    out.mkdir(parents=True, exist_ok=True)
+    _writable(out)
     ensemble = Ensemble.from_bundle(loaded, device=device)
     index: list[tuple[str, str, str, str, str]] = []
     failed = 0
@@ -119,4 +120,17 @@ def _bundle(bundle: str | None) -> Bundle:
     except BundleError as exc:
         raise UserError(
             ExitCode.NO_BUNDLE, f"active bundle {record.bundle_id} is not usable: {exc}"
+        ) from None
+
+
+def _writable(out: Path) -> None:
+    """Make ``--out`` and prove it takes files before any work, or say why not in one line."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise fail(
+            f"--out {out}: cannot write there ({exc.strerror or type(exc).__name__}); choose another folder",
+            ExitCode.USAGE,
         ) from None

@@ -129,6 +129,17 @@ def test_an_unknown_network_is_a_usage_error(bundle_dir: Path, images: list[Path
     assert "--arch vgg16" in result.stderr and "Traceback" not in result.output
 
 
+def test_an_out_folder_that_cannot_be_made_is_one_line(
+    bundle_dir: Path, images: list[Path], tmp_path: Path
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    args = ["explain", str(images[0]), "--bundle", str(bundle_dir), "--out", str(blocker / "overlays")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "cannot write there" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
 def test_without_a_bundle_on_a_fresh_data_dir_it_asks_for_one(
     images: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
