@@ -22,6 +22,7 @@ from db.engine import writer
 from db.models import utcnow
 from db.tables import images, job_images, predictions, scan_jobs
 from db.writes import image_ids
+from deepcovid.chunking import batched
 from deepcovid.defaults import IN_BATCH
 from deepcovid.errors import REASONS
 from deepcovid.status import ImageStatus, JobStatus
@@ -173,10 +174,8 @@ _UNFINISHED = (JobStatus.running, JobStatus.interrupted)
 
 def _uris(conn: Connection, ids: Sequence[int]) -> list[str]:
     """The URIs of these image ids, in id (registration) order."""
-    ordered = sorted(set(ids))
     uris: list[str] = []
-    for start in range(0, len(ordered), IN_BATCH):
-        batch = ordered[start : start + IN_BATCH]
+    for batch in batched(sorted(set(ids)), IN_BATCH):
         uris.extend(
             conn.execute(
                 sa.select(images.c.uri).where(images.c.id.in_(batch)).order_by(images.c.id)
@@ -232,11 +231,11 @@ def mark_failed(engine: Engine, job_id: int, uris: Sequence[str], reason: str, d
     with writer(engine).begin() as conn:
         ids = list(image_ids(conn, uris).values())
         changed: list[int] = []
-        for start in range(0, len(ids), IN_BATCH):
+        for batch in batched(ids, IN_BATCH):
             changed.extend(
                 conn.execute(
                     sa.update(job_images)
-                    .where(_queued(job_id), job_images.c.image_id.in_(ids[start : start + IN_BATCH]))
+                    .where(_queued(job_id), job_images.c.image_id.in_(batch))
                     .values(
                         state=ImageStatus.failed,
                         failure_reason=reason,
@@ -268,13 +267,13 @@ def prune_jobs(engine: Engine, before: datetime, *, dry_run: bool = False) -> Pr
         job_ids = list(conn.execute(old).scalars())
         if dry_run or not job_ids:
             return Pruned(jobs=len(job_ids), predictions=0, images=0)
-        for start in range(0, len(job_ids), IN_BATCH):
-            batch = job_ids[start : start + IN_BATCH]
+        for batch in batched(job_ids, IN_BATCH):
             conn.execute(sa.delete(job_images).where(job_images.c.job_id.in_(batch)))
             conn.execute(sa.delete(scan_jobs).where(scan_jobs.c.id.in_(batch)))
+        # Deleting the jobs set their predictions' job to NULL (ON DELETE SET NULL).
         orphan_predictions = conn.execute(
             sa.delete(predictions).where(
-                sa.or_(predictions.c.job_id.is_(None), predictions.c.job_id.in_(job_ids)),
+                predictions.c.job_id.is_(None),
                 ~sa.exists().where(job_images.c.prediction_id == predictions.c.id),
             )
         ).rowcount

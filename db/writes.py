@@ -99,13 +99,10 @@ def _resolved(
 ) -> dict[int, tuple[int, int | None]]:
     """image id -> (id, job) of the bundle's newest prediction for it (only ``only_job``'s when given)."""
     found: dict[int, tuple[int, int | None]] = {}
-    for start in range(0, len(image_ids), IN_BATCH):
+    for batch in batched(image_ids, IN_BATCH):
         stmt = (
             sa.select(predictions.c.image_id, predictions.c.id, predictions.c.job_id)
-            .where(
-                predictions.c.bundle_id == bundle_id,
-                predictions.c.image_id.in_(image_ids[start : start + IN_BATCH]),
-            )
+            .where(predictions.c.bundle_id == bundle_id, predictions.c.image_id.in_(batch))
             .order_by(predictions.c.id)
         )
         if only_job is not None:
@@ -153,13 +150,10 @@ def record_attempts(engine: Engine, job_id: int, uris: Sequence[str]) -> dict[st
     with writer(engine).begin() as conn:
         ids = image_ids(conn, uris)
         uri_of = {image_id: uri for uri, image_id in ids.items()}
-        listed = list(uri_of)
-        for start in range(0, len(listed), IN_BATCH):
+        for batch in batched(uri_of, IN_BATCH):
             stmt = (
                 sa.update(job_images)
-                .where(
-                    job_images.c.job_id == job_id, job_images.c.image_id.in_(listed[start : start + IN_BATCH])
-                )
+                .where(job_images.c.job_id == job_id, job_images.c.image_id.in_(batch))
                 .values(attempts=job_images.c.attempts + 1)
                 .returning(job_images.c.image_id, job_images.c.attempts)
             )
