@@ -1,4 +1,4 @@
-"""The results database schema: scan jobs, their member images, images, predictions, the bundle registry.
+"""The results database schema: scan jobs, their images, predictions, heatmaps, the bundle registry.
 
 Types are portable (JSON, string-backed enums, partial unique index declared for both dialects) so the
 same models and migrations serve the embedded SQLite file and production PostgreSQL.
@@ -155,6 +155,22 @@ class Prediction(Base):
     scored_at: Mapped[datetime] = mapped_column(default=utcnow)
     worker_host: Mapped[str | None] = mapped_column(sa.String(255))
     device: Mapped[str | None] = mapped_column(sa.String(64))
+
+
+class Heatmap(Base):
+    """The Grad-CAM artifact of one image under one bundle. Keyed like the artifact, by (image, bundle), so
+    a redelivered chunk or a later job rewrites the same row; ``error`` says why no map was stored."""
+
+    __tablename__ = "heatmaps"
+
+    image_id: Mapped[int] = mapped_column(
+        BigId, sa.ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
+    )
+    bundle_id: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
+    key: Mapped[str | None] = mapped_column(sa.String(255))  # opaque artifact key, never a path
+    error: Mapped[str | None] = mapped_column(sa.String(255))  # why the map failed; the score stands
+    geometry: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the crop, to overlay the original
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class BundleRecord(Base):
