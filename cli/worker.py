@@ -38,7 +38,11 @@ def worker_command(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the celery command and exit."),
 ) -> None:
     """Run a scoring worker: `celery -A worker worker` on the configured queue and broker."""
-    args = celery_worker_args(queue or get_settings().queue, pool, concurrency, name, loglevel, events)
+    from deepcovid.artifacts import open_artifacts  # boto3 with the S3 store: only for this command
+
+    settings = get_settings()
+    open_artifacts(settings)  # refused inside the archive: one line now, not a failed map per image
+    args = celery_worker_args(queue or settings.queue, pool, concurrency, name, loglevel, events)
     if dry_run:
         typer.echo(shlex.join(args))
         return

@@ -19,6 +19,9 @@ from sqlalchemy.dialects.postgresql import psycopg
 from sqlalchemy.engine import Connection
 
 from db.rows import (
+    HEATMAP_COLUMNS,
+    HEATMAP_KEY,
+    HEATMAP_UPDATES,
     LISTED_COLUMNS,
     LISTING_COLUMNS,
     MEMBER_COLUMNS,
@@ -34,12 +37,14 @@ from db.rows import (
     SCORE_COLUMNS,
     result_image_updates,
 )
-from db.tables import images, job_images, predictions
+from db.tables import heatmaps, images, job_images, predictions
 from deepcovid.status import ImageStatus
 
 _DIALECT = psycopg.dialect()
 # Every column a statement below sends, by name, for its type (the images' columns win a shared name).
-_COLUMNS = {column.name: column for table in (predictions, job_images, images) for column in table.c}
+_COLUMNS = {
+    column.name: column for table in (heatmaps, predictions, job_images, images) for column in table.c
+}
 
 
 def _array_type(column: sa.Column[Any]) -> str:
@@ -239,6 +244,30 @@ def write_chunk(
     }
     params["thresholds"] = _json_texts(params["thresholds"])
     conn.exec_driver_sql(_WRITE_CHUNK, params)
+
+
+_WRITE_HEATMAPS = f"""
+INSERT INTO heatmaps AS h ({", ".join(HEATMAP_KEY)}, {", ".join(HEATMAP_UPDATES[len(HEATMAP_COLUMNS) :])},
+    {", ".join(HEATMAP_COLUMNS)})
+SELECT i.id, {_scalar("bundle_id")}, {_scalar("created_at")}, {", ".join(f"m.{c}" for c in HEATMAP_COLUMNS)}
+FROM unnest(%(uri)b::text[], {_arrays(HEATMAP_COLUMNS)}) AS m(uri, {", ".join(HEATMAP_COLUMNS)})
+JOIN images AS i ON i.uri = m.uri
+ON CONFLICT ({", ".join(HEATMAP_KEY)}) DO UPDATE SET
+        {_set_list(f"{name} = excluded.{name}" for name in HEATMAP_UPDATES)}
+"""
+
+
+def write_heatmaps(conn: Connection, maps: dict[str, dict[str, Any]], bundle_id: str, now: datetime) -> None:
+    """One statement: upsert the heatmaps of a chunk's images (``maps``: ``db.rows.heatmap_row`` by URI,
+    images already stored by ``write_chunk`` in the same transaction)."""
+    params: dict[str, Any] = {
+        "uri": list(maps),
+        **_columns(list(maps.values()), HEATMAP_COLUMNS),
+        "bundle_id": bundle_id,
+        "created_at": now,
+    }
+    params["geometry"] = [json.dumps(value) for value in params["geometry"]]
+    conn.exec_driver_sql(_WRITE_HEATMAPS, params)
 
 
 def _columns(rows: Sequence[dict[str, Any]], names: Iterable[str]) -> dict[str, list[Any]]:

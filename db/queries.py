@@ -21,7 +21,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from db.jobs import runner_gone
 from db.models import as_utc, utcnow
-from db.tables import images, job_images, predictions, scan_jobs, uri_batches
+from db.tables import heatmaps, images, job_images, predictions, scan_jobs, uri_batches
 from deepcovid.defaults import IN_BATCH, RATE_WINDOW_S, STREAM_BATCH
 from deepcovid.networks import ARCHITECTURES
 from deepcovid.status import ImageStatus, JobStatus
@@ -53,6 +53,9 @@ _RESULT_COLUMNS: dict[str, sa.ColumnElement[Any]] = {
     "scored_at": predictions.c.scored_at,
     "worker_host": predictions.c.worker_host,
     "device": predictions.c.device,
+    # The Grad-CAM artifact's opaque key in the artifact store (DEEPCOVID_ARTIFACTS), or why there is none.
+    "heatmap": heatmaps.c.key,
+    "heatmap_error": heatmaps.c.error,
 }
 RESULT_FIELDS: tuple[str, ...] = tuple(_RESULT_COLUMNS)
 
@@ -311,6 +314,10 @@ def iter_results(
     with engine.connect() as conn:
         _job_bundle(conn, job_id)
         stmt = _members(job_id).add_columns(*(column.label(name) for name, column in _RESULT_COLUMNS.items()))
+        stmt = stmt.outerjoin(
+            heatmaps,
+            sa.and_(heatmaps.c.image_id == images.c.id, heatmaps.c.bundle_id == predictions.c.bundle_id),
+        )
         stmt = _flagged(stmt) if flagged_only else stmt.order_by(images.c.id)
         result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(stmt)
         for row in result:

@@ -76,6 +76,12 @@ PREDICTION_KEY = ("image_id", "bundle_id", "job_id")
 PREDICTION_UPDATES = tuple(column for column in PREDICTION_COLUMNS if column not in PREDICTION_KEY)
 
 
+# Storing a scored chunk: the heatmaps of its images that asked for one, keyed like their artifact.
+HEATMAP_KEY = ("image_id", "bundle_id")
+HEATMAP_COLUMNS = ("key", "error", "geometry")
+HEATMAP_UPDATES = (*HEATMAP_COLUMNS, "created_at")
+
+
 def storage_kind(uri: str) -> str:
     return "s3" if uri.startswith("s3://") else "file"
 
@@ -145,6 +151,12 @@ def score_row(result: ImageResult) -> dict[str, Any]:
         row[probability] = as_float(probabilities.get(arch))
         row[decision] = as_bool(decisions.get(arch))
     return row
+
+
+def heatmap_row(result: ImageResult) -> dict[str, Any]:
+    """A result's heatmap values, keyed by HEATMAP_COLUMNS (``result.heatmap`` must be set)."""
+    assert result.heatmap is not None
+    return {"key": result.heatmap.key, "error": result.heatmap.error, "geometry": result.heatmap.geometry}
 
 
 def prediction_shared(

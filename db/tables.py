@@ -11,13 +11,14 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from db.models import BundleRecord, Image, JobImage, Prediction, ScanJob
+from db.models import BundleRecord, Heatmap, Image, JobImage, Prediction, ScanJob
 
 images = Image.__table__
 predictions = Prediction.__table__
 scan_jobs = ScanJob.__table__
 job_images = JobImage.__table__
 bundles = BundleRecord.__table__
+heatmaps = Heatmap.__table__
 
 
 def uri_in(dialect: str, uris: Sequence[str]) -> sa.ColumnElement[bool]:

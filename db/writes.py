@@ -22,6 +22,8 @@ from db import postgres
 from db.engine import writer
 from db.models import utcnow
 from db.rows import (
+    HEATMAP_KEY,
+    HEATMAP_UPDATES,
     LISTING_COLUMNS,
     MEMBER_KEY,
     MEMBER_UPDATES,
@@ -29,6 +31,7 @@ from db.rows import (
     PREDICTION_UPDATES,
     RESULT_MEMBER_UPDATES,
     ImageRef,
+    heatmap_row,
     member_row,
     prediction_shared,
     register_row,
@@ -37,7 +40,7 @@ from db.rows import (
     result_member_row,
     score_row,
 )
-from db.tables import dialect_insert, images, job_images, predictions, scan_jobs, uri_batches
+from db.tables import dialect_insert, heatmaps, images, job_images, predictions, scan_jobs, uri_batches
 from deepcovid.chunking import batched
 from deepcovid.defaults import IN_BATCH, REGISTER_BATCH
 from deepcovid.results import ImageResult
@@ -171,7 +174,7 @@ def write_results(
     device: str | None,
 ) -> None:
     """Store one scored chunk in one transaction: images, predictions upserted on (image, bundle, job),
-    and the images' states in the job.
+    heatmaps upserted on (image, bundle), and the images' states in the job.
 
     Idempotent: the same chunk written twice leaves the same rows. Unknown URIs are created and join the
     job. Only this job's memberships change, not those of images its closing cancelled, and only with
@@ -190,9 +193,12 @@ def write_results(
     shared = prediction_shared(
         bundle_id=bundle_id, job_id=job_id, now=now, worker_host=worker_host, device=device
     )
+    maps = {uri: heatmap_row(result) for uri, result in by_uri.items() if result.heatmap is not None}
     with writer(engine).begin() as conn:
         if conn.dialect.name == "postgresql":
             postgres.write_chunk(conn, image_rows, member_rows, scores, shared)
+            if maps:
+                postgres.write_heatmaps(conn, maps, bundle_id, now)
             return
         stamped = [{**row, "updated_at": now} for row in image_rows]
         ids = dict(conn.execute(_result_images_statement(conn.dialect.name), stamped).all())
@@ -202,6 +208,12 @@ def write_results(
             prediction_ids = dict(
                 conn.execute(_predictions_statement(conn.dialect.name), prediction_rows).all()
             )
+        if maps:
+            heatmap_rows = [
+                {"image_id": ids[uri], "bundle_id": bundle_id, **row, "created_at": now}
+                for uri, row in maps.items()
+            ]
+            conn.execute(_heatmaps_statement(conn.dialect.name), heatmap_rows)
         if not _job_uses(conn, job_id, bundle_id):
             return
         members = [
@@ -243,6 +255,13 @@ def _predictions_statement(dialect: str) -> Any:
     return stmt.on_conflict_do_update(index_elements=list(PREDICTION_KEY), set_=updated).returning(
         predictions.c.image_id, predictions.c.id
     )
+
+
+@cache
+def _heatmaps_statement(dialect: str) -> Any:
+    stmt = dialect_insert(dialect)(heatmaps)
+    updated = {column: stmt.excluded[column] for column in HEATMAP_UPDATES}
+    return stmt.on_conflict_do_update(index_elements=list(HEATMAP_KEY), set_=updated)
 
 
 @cache

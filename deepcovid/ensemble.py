@@ -55,6 +55,9 @@ class ScoreBatch:
     thresholds: dict[str, float]
     policy: str = "mean"
     architectures: tuple[str, ...] = field(default=())
+    # Each network's activations at its Grad-CAM layer, kept when asked (``Ensemble.score(keep=...)``):
+    # the maps of these images come from this very forward pass.
+    activations: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.ensemble_score.shape[0])
@@ -213,16 +216,19 @@ class Ensemble:
     def streams(self) -> int:
         return len(self.groups)
 
-    def probabilities(self, batch: torch.Tensor) -> dict[str, np.ndarray]:
-        """Each network's COVID probability for every image of a uint8 ``[B,3,224,224]`` batch."""
+    def probabilities(
+        self, batch: torch.Tensor, activations: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Each network's COVID probability for every image of a uint8 ``[B,3,224,224]`` batch;
+        ``activations``, when given, receives each network's activations at its Grad-CAM layer."""
         if batch.shape[0] == 0:
             return {arch: np.zeros(0, dtype=np.float64) for arch in self.architectures}
         inputs = self._prepare(batch)
         if len(self.groups) == 1:
-            covid = self._run_group(self.architectures, inputs)
+            covid = self._run_group(self.architectures, inputs, activations)
         else:
             pool = self._executor()
-            futures = [pool.submit(self._run_group, group, inputs) for group in self.groups]
+            futures = [pool.submit(self._run_group, group, inputs, activations) for group in self.groups]
             by_arch: dict[str, torch.Tensor] = {}
             for group, future in zip(self.groups, futures, strict=True):
                 by_arch.update(zip(group, future.result(), strict=True))
@@ -230,7 +236,12 @@ class Ensemble:
         covid = covid.to("cpu", dtype=torch.float64).numpy()  # one device sync for all networks
         return {arch: covid[i] for i, arch in enumerate(self.architectures)}
 
-    def _run_group(self, architectures: Sequence[str], inputs: torch.Tensor) -> torch.Tensor:
+    def _run_group(
+        self,
+        architectures: Sequence[str],
+        inputs: torch.Tensor,
+        activations: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """COVID probabilities ``[networks, B]`` of some networks; inference mode and autocast are per
         thread, so each stream enters them itself."""
         autocast = (
@@ -240,13 +251,25 @@ class Ensemble:
         )
         with torch.inference_mode():
             with autocast:
-                outputs = [self.networks[arch](inputs) for arch in architectures]
+                outputs = [self._forward(arch, inputs, activations) for arch in architectures]
             return torch.stack(
                 [
                     torch.softmax(out.float() / self.temperatures[arch], dim=1)[:, COVID_INDEX]
                     for arch, out in zip(architectures, outputs, strict=True)
                 ]
             )
+
+    def _forward(
+        self, arch: str, inputs: torch.Tensor, activations: dict[str, torch.Tensor] | None
+    ) -> torch.Tensor:
+        """One network's logits; with ``activations``, its Grad-CAM layer's activations are kept there."""
+        model = self.networks[arch]
+        if activations is None:
+            return model(inputs)
+        from deepcovid.explain import capture_layer  # the layer table; explain imports this module
+
+        with capture_layer(model, arch, activations):
+            return model(inputs)
 
     def _executor(self) -> ThreadPoolExecutor:
         # A pool made before a fork has no threads in the child: make a new one there.
@@ -255,6 +278,12 @@ class Ensemble:
             self._pool_pid = os.getpid()
         return self._pool
 
-    def score(self, batch: torch.Tensor) -> ScoreBatch:
-        """Probabilities, per-network decisions and the ensemble decision for one uint8 batch."""
-        return combine(self.probabilities(batch), self.thresholds, self.policy, self.ensemble_threshold)
+    def score(self, batch: torch.Tensor, *, keep_activations: bool = False) -> ScoreBatch:
+        """Probabilities, per-network decisions and the ensemble decision for one uint8 batch;
+        ``keep_activations``: with what ``deepcovid.explain.explain_scored`` makes maps from."""
+        activations: dict[str, torch.Tensor] | None = {} if keep_activations else None
+        scored = combine(
+            self.probabilities(batch, activations), self.thresholds, self.policy, self.ensemble_threshold
+        )
+        scored.activations = activations or {}
+        return scored

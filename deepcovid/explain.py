@@ -1,16 +1,27 @@
 """Grad-CAM maps for the COVID class: one per network of a loaded ``Ensemble``, and one for the ensemble.
 
-The maps come from ``Ensemble.networks`` as scoring runs them (BatchNorm folded, channels_last, the
-ensemble's autocast precision), and the forward pass that makes a map also gives the probability it
-explains, so a map always explains the score stored for the same input.
+The maps come from the scoring forward pass itself: ``Ensemble.score(batch, keep_activations=True)``
+keeps each network's activations at its Grad-CAM layer, and ``explain_scored`` turns them into maps. So
+they come from the networks exactly as scoring runs them (BatchNorm folded, channels_last, the
+ensemble's autocast precision), and the probability a map explains *is* the probability stored.
 
-Library: captum's ``LayerGradCam``. Measured per image on this shared 2-core CPU (random weights,
-fp32, channels_last, mean of 5 after a warm-up), captum / pytorch-grad-cam in ms, two runs: resnet18
-63 / 128 and 457 / 967, resnet50 526 / 265 and 1132 / 3002, densenet121 188 / 363 and 4605 / 4418,
-squeezenet1_1 22 / 43 and 12 / 26 (other jobs shared the cores: the runs disagree, the ratio mostly
-does not). Captum was faster in 6 of 8: it backpropagates only from the output to the hooked layer
-(the networks' parameters need no gradient), pytorch-grad-cam through the whole network to the
-input; it is also lighter (pytorch-grad-cam pulls in opencv).
+No backward pass is needed: behind each Grad-CAM layer the four networks have a fixed head (global
+average pooling and a linear layer; a ReLU before it in DenseNet, a 1x1 convolution and ReLU before the
+pooling in SqueezeNet), so the gradient of the COVID logit with respect to the layer's activations has a
+closed form, and Grad-CAM's channel weights (the spatial mean of that gradient) follow from the weights
+of the head. A test checks these maps against captum's ``LayerGradCam`` on all four networks. Measured on
+this shared 2-core CPU (benchmarks/heatmaps.py, docs/performance.md), captum's backward pass made a map
+cost about a scoring forward pass per network; the closed form costs almost nothing, which is what lets
+maps for flagged images stay within 10% of the throughput without them.
+
+captum's ``LayerGradCam`` (``gradcam``, ``gradcam_at``) stays as the reference and for networks outside
+the table: the tests' faithfulness check trains a small CNN and explains it with captum. Chosen over
+pytorch-grad-cam: measured per image on this CPU (random weights, fp32, channels_last, mean of 5 after a
+warm-up), captum / pytorch-grad-cam in ms, two runs: resnet18 63 / 128 and 457 / 967, resnet50 526 / 265
+and 1132 / 3002, densenet121 188 / 363 and 4605 / 4418, squeezenet1_1 22 / 43 and 12 / 26 (other jobs
+shared the cores: the runs disagree, the ratio mostly does not). Captum was faster in 6 of 8: it
+backpropagates only from the output to the hooked layer, pytorch-grad-cam through the whole network to
+the input; it is also lighter (pytorch-grad-cam pulls in opencv).
 
 Layers (the last convolutional block; hooked on a module the folded ``torch.fx`` graph still calls):
 - resnet18/50: ``layer4``'s output, as the input of ``avgpool`` (``layer4`` itself is not called as a
@@ -28,7 +39,7 @@ their scores do), ``any`` puts all weight on the network(s) giving the highest p
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,7 +47,7 @@ import torch
 
 from deepcovid.batches import collate
 from deepcovid.decode import decode
-from deepcovid.ensemble import Ensemble, combine
+from deepcovid.ensemble import Ensemble, ScoreBatch
 from deepcovid.networks import COVID_INDEX
 from deepcovid.preprocess import INPUT_SIZE, crop_box, load_image
 from deepcovid.results import ENSEMBLE_KEY
@@ -48,6 +59,57 @@ GRADCAM_LAYERS: dict[str, tuple[str, bool]] = {
     "densenet121": ("features.norm5", False),
     "squeezenet1_1": ("classifier.0", True),
 }
+
+# arch -> (module path of the head behind the layer, its kind; see the module doc)
+HEADS: dict[str, tuple[str, str]] = {
+    "resnet18": ("fc", "linear"),
+    "resnet50": ("fc", "linear"),
+    "densenet121": ("classifier", "relu_linear"),
+    "squeezenet1_1": ("classifier.1", "conv_relu"),
+}
+
+
+@contextlib.contextmanager
+def capture_layer(model: torch.nn.Module, arch: str, into: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Keep ``model``'s activations at its Grad-CAM layer in ``into[arch]`` while the block runs."""
+    name, at_input = GRADCAM_LAYERS[arch]
+
+    def keep(module: torch.nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        # A copy of an output: DenseNet applies its ReLU in place right after norm5.
+        into[arch] = args[0] if at_input else output.clone()
+
+    handle = model.get_submodule(name).register_forward_hook(keep)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def gradcam_from_activations(model: torch.nn.Module, arch: str, activations: torch.Tensor) -> np.ndarray:
+    """Grad-CAM maps ``[B,224,224]`` (each scaled to [0, 1]) for the COVID class from the layer's
+    activations ``[B,C,h,w]``, with the gradient in closed form (see the module doc)."""
+    name, kind = HEADS[arch]
+    head = model.get_submodule(name)
+    acts = activations.detach().float()
+    weight = head.weight.detach().float()[COVID_INDEX].reshape(1, -1)  # [1, C]
+    if kind == "linear":  # logit = W . mean(A): dlogit/dA = W / hw everywhere
+        alpha = weight
+    elif kind == "relu_linear":  # logit = W . mean(relu(A)): the gradient passes where A > 0
+        alpha = weight * (acts > 0).float().mean(dim=(2, 3))
+    else:  # conv_relu: logit = mean(relu(W . A + b)): it passes where the COVID channel is positive
+        bias = head.bias.detach().float()[COVID_INDEX] if head.bias is not None else 0.0
+        z = torch.einsum("bchw,c->bhw", acts, weight[0]) + bias
+        alpha = weight * (z > 0).float().mean(dim=(1, 2))[:, None]
+    cam = torch.einsum("bchw,bc->bhw", acts, alpha)[:, None]  # the common 1/hw only rescales
+    return _scaled_maps(cam)
+
+
+def _scaled_maps(cam: torch.Tensor) -> np.ndarray:
+    """``[B,1,h,w]`` layer maps to ``[B,224,224]`` float32 in [0, 1]: ReLU, bilinear, divided by the peak."""
+    cam = torch.nn.functional.interpolate(cam.float().clamp_min(0), (INPUT_SIZE, INPUT_SIZE), mode="bilinear")
+    cam = cam[:, 0].clamp_min(0)
+    peak = cam.flatten(1).amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+    return (cam / peak[:, None, None]).to("cpu", dtype=torch.float32).numpy()
 
 
 @dataclass(frozen=True)
@@ -107,7 +169,7 @@ def gradcam_at(
 
     The temperature divides the logits for the probability only: it scales the COVID logit's gradients
     uniformly, so the map, scaled to [0, 1], is the same."""
-    from captum.attr import LayerAttribution, LayerGradCam
+    from captum.attr import LayerGradCam
 
     outputs: list[torch.Tensor] = []
 
@@ -125,10 +187,7 @@ def gradcam_at(
         cam = LayerGradCam(forward, layer).attribute(
             inputs, target=COVID_INDEX, relu_attributions=True, attribute_to_layer_input=at_input
         )
-    cam = LayerAttribution.interpolate(cam.detach().float(), (INPUT_SIZE, INPUT_SIZE), "bilinear")
-    cam = cam[:, 0].clamp_min(0)
-    peak = cam.flatten(1).amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
-    maps = (cam / peak[:, None, None]).to("cpu", dtype=torch.float32).numpy()
+    maps = _scaled_maps(cam.detach())
     covid = torch.softmax(outputs[-1].detach().float() / temperature, dim=1)[:, COVID_INDEX]
     return maps, covid.to("cpu", dtype=torch.float64).numpy()
 
@@ -145,24 +204,29 @@ def policy_weights(policy: str, probabilities: Mapping[str, float]) -> dict[str,
 
 def explain_batch(ensemble: Ensemble, batch: torch.Tensor | np.ndarray) -> list[Explanation]:
     """Maps and explained probabilities for every image of a uint8 ``[B,3,224,224]`` batch."""
-    inputs = ensemble._prepare(torch.as_tensor(batch))
+    scored = ensemble.score(torch.as_tensor(batch), keep_activations=True)
+    return explain_scored(ensemble, scored, range(len(scored)))
+
+
+def explain_scored(ensemble: Ensemble, scored: ScoreBatch, indices: Sequence[int]) -> list[Explanation]:
+    """The maps of images ``indices`` of a batch scored with ``keep_activations``: each explains the
+    probabilities that batch gave it."""
+    if not indices:
+        return []
+    chosen = torch.as_tensor(list(indices), dtype=torch.long)
     per_arch = {
-        arch: gradcam(
-            ensemble.networks[arch], arch, inputs, ensemble.autocast_dtype, ensemble.temperatures[arch]
+        arch: gradcam_from_activations(
+            ensemble.networks[arch],
+            arch,
+            scored.activations[arch].index_select(0, chosen.to(ensemble.device)),
         )
         for arch in ensemble.architectures
     }
-    scored = combine(
-        {arch: probs for arch, (_, probs) in per_arch.items()},
-        ensemble.thresholds,
-        ensemble.policy,
-        ensemble.ensemble_threshold,
-    )
     explanations = []
-    for i in range(len(scored)):
-        probs = {arch: float(per_arch[arch][1][i]) for arch in ensemble.architectures}
+    for row, i in enumerate(indices):
+        probs = {arch: float(scored.probabilities[arch][i]) for arch in ensemble.architectures}
         weights = policy_weights(ensemble.policy, probs)
-        maps = {arch: per_arch[arch][0][i] for arch in ensemble.architectures}
+        maps = {arch: per_arch[arch][row] for arch in ensemble.architectures}
         combined = sum(weights[arch] * maps[arch] for arch in ensemble.architectures)
         maps[ENSEMBLE_KEY] = np.asarray(combined, dtype=np.float32)
         probs[ENSEMBLE_KEY] = float(scored.ensemble_score[i])

@@ -23,11 +23,12 @@ from deepcovid.devices import batch_size_for
 from deepcovid.errors import ImageError, TransientError
 from deepcovid.preprocess import load_image
 from deepcovid.results import ImageResult
-from deepcovid.settings import Settings
+from deepcovid.settings import HeatmapMode, Settings
 from deepcovid.status import ImageStatus
 from deepcovid.storage import Storage
 
 if TYPE_CHECKING:  # torch comes with the ensemble handed in: pool processes import this module fast
+    from deepcovid.artifacts import ArtifactStore
     from deepcovid.ensemble import Ensemble
 
 # URIs may carry patient names: never logged, at any level. Failures log their reason, and unexpected ones
@@ -94,12 +95,14 @@ def _score_batch(
     pending: list[tuple[int, _Prepared]],
     ensemble: Ensemble,
     propagate: tuple[type[BaseException], ...],
+    maps: _Maps | None = None,
 ) -> list[tuple[int, ImageResult]]:
-    """Score a batch; if the batch as a whole fails, score its images one by one to isolate the cause."""
+    """Score a batch (and make the maps ``maps`` asks for, from the same forward pass); if the batch as a
+    whole fails, score its images one by one to isolate the cause."""
     from deepcovid.batches import collate  # torch: pool processes import this module and must start fast
 
     try:
-        batch = ensemble.score(collate([p.pixels for _, p in pending]))
+        batch = ensemble.score(collate([p.pixels for _, p in pending]), keep_activations=maps is not None)
     except propagate:
         raise
     except Exception as exc:
@@ -116,12 +119,23 @@ def _score_batch(
         )
         out: list[tuple[int, ImageResult]] = []
         for item in pending:
-            out.extend(_score_batch(uris, [item], ensemble, propagate))
+            out.extend(_score_batch(uris, [item], ensemble, propagate, maps))
         return out
-    return [
-        (i, batch.to_result(j, uris[i], info=prepared.info, size=prepared.size))
-        for j, (i, prepared) in enumerate(pending)
-    ]
+    results = [batch.to_result(j, uris[i], info=p.info, size=p.size) for j, (i, p) in enumerate(pending)]
+    if maps is not None:
+        from deepcovid.heatmaps import attach_heatmaps  # torch, as above
+
+        sizes = [(int(p.info["width"]), int(p.info["height"])) for _, p in pending]
+        attach_heatmaps(ensemble, batch, results, sizes, maps.mode, maps.store, propagate)
+    return [(i, result) for (i, _), result in zip(pending, results, strict=True)]
+
+
+@dataclass
+class _Maps:
+    """Which scored images get Grad-CAM maps, and where they are stored."""
+
+    mode: HeatmapMode
+    store: ArtifactStore
 
 
 def score_chunk(
@@ -132,8 +146,12 @@ def score_chunk(
     settings: Settings,
     on_batch: Callable[[int], None] | None = None,
     on_results: Callable[[list[ImageResult]], None] | None = None,
+    artifacts: ArtifactStore | None = None,
 ) -> list[ImageResult]:
     """One ImageResult per URI, in the order given.
+
+    With ``artifacts``, the images DEEPCOVID_HEATMAPS asks for get Grad-CAM maps stored there, made from
+    the scoring pass itself (``deepcovid.heatmaps``); each result's ``heatmap`` says which key or why not.
 
     ``on_batch(n)`` is called after each batch with the number of images finished (scored or
     failed) since the previous call, for progress bars; ``on_results`` gets those results themselves,
@@ -145,6 +163,9 @@ def score_chunk(
     if not uris:
         return []
     propagate = _must_propagate()
+    maps = None
+    if artifacts is not None and settings.heatmaps is not HeatmapMode.none:
+        maps = _Maps(settings.heatmaps, artifacts)
     batch_size = batch_size_for(settings, ensemble.device)
     threads = max(1, min(settings.decode_threads, len(uris)))
 
@@ -167,7 +188,7 @@ def score_chunk(
         def flush() -> None:
             nonlocal pending, finished_since_report
             if pending:
-                for i, result in _score_batch(uris, pending, ensemble, propagate):
+                for i, result in _score_batch(uris, pending, ensemble, propagate, maps):
                     results[i] = result
                 finished_since_report.extend(i for i, _ in pending)
                 pending = []

@@ -15,6 +15,16 @@ ENSEMBLE_KEY = "ensemble"
 
 
 @dataclass
+class HeatmapOutcome:
+    """The Grad-CAM artifact made for a scored image: its opaque key, or why there is none (the score
+    stands either way), and where the 224x224 crop lies on the image (``CropGeometry.as_dict``)."""
+
+    key: str | None = None
+    error: str | None = None
+    geometry: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class ImageResult:
     """The outcome for one image URI: either a score or a failure with its reason."""
 
@@ -35,6 +45,7 @@ class ImageResult:
     # study/series/SOP instance UIDs, modality, view position, body part. Never patient identity.
     info: dict[str, Any] = field(default_factory=dict)
     size: int | None = None  # bytes read
+    heatmap: HeatmapOutcome | None = None  # None: no map was asked for (DEEPCOVID_HEATMAPS)
 
     def __post_init__(self) -> None:
         self.status = ImageStatus(self.status)

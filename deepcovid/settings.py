@@ -6,6 +6,7 @@ import difflib
 import os
 import re
 from collections.abc import Mapping
+from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -26,6 +27,14 @@ _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 def _default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
     return Path(base) / "deepcovid"
+
+
+class HeatmapMode(StrEnum):
+    """Which scored images get Grad-CAM maps: the flagged ones (default), every one, or none."""
+
+    flagged = "flagged"
+    all = "all"
+    none = "none"
 
 
 class Settings(BaseSettings):
@@ -65,6 +74,12 @@ class Settings(BaseSettings):
     cpu_streams: int = 0  # networks run side by side on CPU; 0: one per core (at most one per network)
     torch_threads: int = 0  # per CPU stream; 0: the cores shared out between streams; on CUDA torch decides
     compile: bool = False  # torch.compile on CUDA
+
+    # Grad-CAM maps, made right after scoring (deepcovid.heatmaps): flagged | all | none
+    heatmaps: HeatmapMode = HeatmapMode.flagged
+    # Where maps are stored: a directory, or s3://bucket/prefix; empty: <data_dir>/artifacts. Never
+    # beneath a storage root or an S3_ALLOW prefix (the archive is read-only to the screener).
+    artifacts: str = ""
 
     # Input limits: refuse before decoding rather than exhaust memory.
     max_image_pixels: int = defaults.MAX_IMAGE_PIXELS
@@ -136,6 +151,11 @@ class Settings(BaseSettings):
     def effective_bundles_dir(self) -> Path:
         return self.bundles_dir or self.data_dir / "bundles"
 
+    @property
+    def effective_artifacts(self) -> str:
+        """Where the artifact store lives: DEEPCOVID_ARTIFACTS, or ``artifacts`` in the data directory."""
+        return self.artifacts.strip() or str(self.data_dir / "artifacts")
+
     def masked(self) -> dict[str, str]:
         """Effective settings for display: passwords in URLs and secrets replaced by ***."""
         out: dict[str, str] = {}
@@ -151,6 +171,7 @@ class Settings(BaseSettings):
                 value = ",".join(str(v) for v in value)
             out[name] = mask_url(str(value)) if value is not None else ""
         out["bundles_dir"] = str(self.effective_bundles_dir)
+        out["artifacts"] = mask_url(self.effective_artifacts)
         return out
 
 

@@ -35,6 +35,7 @@ from db.queries import flagged_images, job_progress
 from db.registry import UnknownBundle, active_bundle, get_bundle, register_bundle, set_active
 from db.schema import open_database
 from db.writes import register_images, write_results
+from deepcovid.artifacts import open_artifacts
 from deepcovid.bundle import Bundle, BundleError, find_bundle, install_bundle, load_bundle
 from deepcovid.chunking import batched
 from deepcovid.defaults import REGISTER_BATCH, TOP_FLAGGED
@@ -193,6 +194,8 @@ def screen(
     local = Path(canonical)
     extra_roots = () if canonical.startswith("s3://") else (local if local.is_dir() else local.parent,)
 
+    # Before any job exists: an artifact store inside the archive is refused with one line.
+    artifacts = open_artifacts(settings, extra_roots=extra_roots)
     loaded, promoted = resolve_bundle(engine, settings, bundle)
     bundle_id = loaded.bundle_id
     options: dict[str, Any] = {"include": include.describe(), "rescore": rescore, "embedded": True}
@@ -237,7 +240,12 @@ def screen(
                 on_start(summary)
             for chunk in _read_spool(spool, settings.chunk_size):
                 results = score_chunk(
-                    chunk, storage=storage, ensemble=ensemble, settings=settings, on_batch=on_images
+                    chunk,
+                    storage=storage,
+                    ensemble=ensemble,
+                    settings=settings,
+                    on_batch=on_images,
+                    artifacts=artifacts,
                 )
                 write_results(
                     engine,

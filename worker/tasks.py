@@ -36,9 +36,10 @@ from db.jobs import finish_job_if_done
 from db.queries import chunk_state
 from db.schema import DatabaseUnreachable, SchemaNotCurrent, open_database
 from db.writes import record_attempts, write_results
+from deepcovid.artifacts import ArtifactStore, RefusedArtifacts, open_artifacts
 from deepcovid.bundle import BundleError, find_bundle
 from deepcovid.defaults import MAX_CACHED_ENSEMBLES, MAX_RETRIES
-from deepcovid.errors import REASONS, TransientError
+from deepcovid.errors import REASONS, TransientError, UserError
 from deepcovid.queue import TASK_NAME, chunk_reprs, send_chunk
 from deepcovid.results import ImageResult
 from deepcovid.settings import Settings, get_settings
@@ -57,6 +58,7 @@ _pid: int | None = None
 _ensembles: dict[str, Ensemble] = {}
 _storages: dict[int, tuple[Settings, Storage]] = {}
 _databases: dict[str, Engine] = {}  # by URL: reachability and schema checked once per process
+_artifacts: dict[int, tuple[Settings, ArtifactStore]] = {}
 
 
 def _reset_after_fork() -> None:
@@ -66,6 +68,7 @@ def _reset_after_fork() -> None:
         _ensembles.clear()
         _storages.clear()
         _databases.clear()
+        _artifacts.clear()
 
 
 def _engine_for(settings: Settings) -> Engine:
@@ -85,6 +88,23 @@ def _storage_for(settings: Settings) -> Storage:
         cached = (settings, open_storage(settings))
         _storages.clear()
         _storages[id(settings)] = cached
+    return cached[1]
+
+
+def _artifacts_for(settings: Settings) -> ArtifactStore:
+    """The artifact store for Grad-CAM maps; one ``deepcovid worker`` refused at start-up (inside the
+    archive) fails every map, never a score."""
+    _reset_after_fork()
+    cached = _artifacts.get(id(settings))
+    if cached is None or cached[0] is not settings:
+        try:
+            store: ArtifactStore = open_artifacts(settings)
+        except UserError as exc:
+            log.error("no Grad-CAM maps will be stored: %s", exc)
+            store = RefusedArtifacts("DEEPCOVID_ARTIFACTS is refused: it lies inside the archive")
+        cached = (settings, store)
+        _artifacts.clear()
+        _artifacts[id(settings)] = cached
     return cached[1]
 
 
@@ -170,6 +190,7 @@ def run_chunk(
     message = ChunkMessage(int(job_id), str(bundle_id), [str(u) for u in uris])
     engine = _engine_for(settings)
     storage = _storage_for(settings)
+    artifacts = _artifacts_for(settings)
     state = chunk_state(engine, job_id, message.uris)
     # Only images registered by enqueue are scored: a message cannot add rows to a job.
     todo = [u for u in dict.fromkeys(message.uris) if u in state and not state[u][0]]
@@ -204,14 +225,26 @@ def run_chunk(
     isolate = redelivered or any(state.get(u, (False, 0))[1] >= 1 for u in todo)
     try:
         if not isolate:
-            score_uris(todo, storage=storage, ensemble=ensemble, settings=settings, on_results=chunk.write)
+            score_uris(
+                todo,
+                storage=storage,
+                ensemble=ensemble,
+                settings=settings,
+                on_results=chunk.write,
+                artifacts=artifacts,
+            )
         else:
             _score_isolated(
                 chunk,
                 todo,
                 redelivered,
                 lambda uris: score_uris(
-                    uris, storage=storage, ensemble=ensemble, settings=settings, on_results=chunk.write
+                    uris,
+                    storage=storage,
+                    ensemble=ensemble,
+                    settings=settings,
+                    on_results=chunk.write,
+                    artifacts=artifacts,
                 ),
             )
     except retryable_errors():

@@ -179,3 +179,31 @@ def test_the_map_peaks_on_the_blob_that_decides_the_class() -> None:
         peak_y, peak_x = np.unravel_index(np.argmax(heat), heat.shape)
         hits.append(np.hypot(peak_x / scale - x, peak_y / scale - y) <= BLOB_RADIUS + 2)
     assert np.mean(hits) >= 0.9, f"the peak was on the blob in {np.mean(hits):.0%} of images"
+
+
+def test_maps_from_the_scoring_pass_equal_captum_s_grad_cam(full_ensemble: Ensemble) -> None:
+    """The closed-form gradient behind each network's head gives captum's LayerGradCam maps."""
+    from deepcovid.explain import gradcam
+
+    batch = torch.from_numpy(synthetic_batch(3, seed=11))
+    explanations = explain_batch(full_ensemble, batch)
+    inputs = full_ensemble._prepare(batch)
+    for arch in full_ensemble.architectures:
+        reference, probabilities = gradcam(
+            full_ensemble.networks[arch], arch, inputs, temperature=full_ensemble.temperatures[arch]
+        )
+        for i, explanation in enumerate(explanations):
+            np.testing.assert_allclose(explanation.maps[arch], reference[i], atol=2e-4, err_msg=arch)
+            assert explanation.probabilities[arch] == pytest.approx(probabilities[i], abs=1e-6)
+
+
+def test_the_explained_probability_is_the_scored_one_exactly(tiny_ensemble: Ensemble) -> None:
+    from deepcovid.explain import explain_scored
+
+    batch = torch.from_numpy(synthetic_batch(4, seed=12))
+    scored = tiny_ensemble.score(batch, keep_activations=True)
+    (explanation,) = explain_scored(tiny_ensemble, scored, [2])
+    fields = scored.result_fields(2)
+    assert explanation.probabilities[ENSEMBLE_KEY] == fields["ensemble_score"]
+    for arch, probability in fields["probabilities"].items():
+        assert explanation.probabilities[arch] == probability

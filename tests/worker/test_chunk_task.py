@@ -9,6 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 from db.models import Image, JobImage, Prediction
+from db.queries import iter_results
 from deepcovid.settings import Settings
 from tests.fixtures.images import xray_png_bytes
 from worker.tasks import retryable_errors, run_chunk
@@ -142,3 +143,34 @@ def test_database_unreachable_is_retryable() -> None:
         ensure_schema_current(engine)
     with pytest.raises(retryable_errors()), engine.connect():
         pass
+
+
+@postgresql_only
+def test_a_redelivered_chunk_rewrites_the_same_heatmaps(
+    migrated_engine: Any, migrated_url: str, tmp_path: Path, bundles_dir: Path, tiny_bundle_id: str
+) -> None:
+    """The worker's PostgreSQL write path: one heatmap row and one artifact per (image, bundle), however
+    often the chunk is delivered."""
+    root = tmp_path / "archive"
+    job_id, uris = make_chunk(migrated_engine, root, tiny_bundle_id, count=3)
+    settings = settings_for(migrated_url, root, bundles_dir, heatmaps="all", data_dir=tmp_path / "data")
+
+    def stored() -> tuple[dict[str, str], list[Path]]:
+        with migrated_engine.connect() as conn:
+            keys = dict(
+                conn.execute(
+                    sa.text("SELECT i.uri, h.key FROM heatmaps h JOIN images i ON i.id = h.image_id")
+                ).all()
+            )
+        return keys, sorted(p for p in (tmp_path / "data" / "artifacts").rglob("*") if p.is_file())
+
+    run_chunk(job_id, tiny_bundle_id, uris, settings=settings)
+    first_keys, first_files = stored()
+    assert set(first_keys) == set(uris) and len(first_files) == 3
+    with migrated_engine.begin() as conn:  # as if the worker died before the message was acknowledged
+        conn.execute(sa.text("UPDATE job_images SET state = 'queued' WHERE job_id = :j"), {"j": job_id})
+    summary = run_chunk(job_id, tiny_bundle_id, uris, settings=settings, redelivered=True)
+    assert summary["scored"] == 3
+    assert stored() == (first_keys, first_files)
+    exported = {row["uri"]: row["heatmap"] for row in iter_results(migrated_engine, job_id)}
+    assert exported == first_keys
