@@ -35,6 +35,7 @@ from deepcovid.batches import normalize
 from deepcovid.bundle import POLICIES, Bundle, check_preprocessing, load_bundle, load_networks
 from deepcovid.cpu import cpu_inference_threads, cpu_streams, partition_networks
 from deepcovid.devices import resolve_device
+from deepcovid.gradcam import capture_layer
 from deepcovid.networks import COVID_INDEX, prepare_network
 from deepcovid.precision import autocast_dtype, validated_bf16_drift
 from deepcovid.preprocess import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE
@@ -266,8 +267,6 @@ class Ensemble:
         model = self.networks[arch]
         if activations is None:
             return model(inputs)
-        from deepcovid.explain import capture_layer  # the layer table; explain imports this module
-
         with capture_layer(model, arch, activations):
             return model(inputs)
 

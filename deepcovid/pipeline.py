@@ -102,7 +102,8 @@ def _score_batch(
     from deepcovid.batches import collate  # torch: pool processes import this module and must start fast
 
     try:
-        batch = ensemble.score(collate([p.pixels for _, p in pending]), keep_activations=maps is not None)
+        inputs = collate([p.pixels for _, p in pending])
+        batch = ensemble.score(inputs, keep_activations=True) if maps else ensemble.score(inputs)
     except propagate:
         raise
     except Exception as exc:
