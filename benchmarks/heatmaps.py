@@ -120,12 +120,14 @@ def main() -> None:
         flagged = int((scores >= flagging.ensemble_threshold).sum())
 
         variants = {
-            "off": chunk_runner(ensemble, uris, settings.model_copy(update={"heatmaps": "none"}), store, 0),
+            "off": chunk_runner(
+                ensemble, uris, settings.model_copy(update={"heatmaps": HeatmapMode.none}), store, 0
+            ),
             f"{flagged / len(uris):.0%} flagged": chunk_runner(
-                flagging, uris, settings.model_copy(update={"heatmaps": "flagged"}), store, flagged
+                flagging, uris, settings.model_copy(update={"heatmaps": HeatmapMode.flagged}), store, flagged
             ),
             "100%": chunk_runner(
-                ensemble, uris, settings.model_copy(update={"heatmaps": "all"}), store, len(uris)
+                ensemble, uris, settings.model_copy(update={"heatmaps": HeatmapMode.all}), store, len(uris)
             ),
         }
         cpu: dict[str, list[float]] = {}

@@ -112,6 +112,20 @@ OVERLAY_MAX_SIDE = 1024
 """Pixels: the longest side of an explanation overlay PNG; enough to see the lungs, small enough to store
 one per flagged image."""
 
+GALLERY_PER_KIND = 4
+"""Images per kind (true positive, false positive, false negative) in the evaluation report's gallery of
+ensemble heatmaps."""
+
+HEATMAP_MASS_SAMPLE = 32
+"""Images per class whose heatmaps the evaluation report measures for mass at the border and top corners:
+bounded cost, enough to see a network that looks at labels rather than lungs."""
+
+HEATMAP_BORDER = 0.10
+"""Width of the outer border, as a fraction of the side, in the report's heatmap mass statistic."""
+
+HEATMAP_CORNER = 0.20
+"""Side of each top corner square, as a fraction of the side, where burned-in labels sit."""
+
 # --- training (Minaee et al. 2020 unless said) ----------------------------------------------------
 
 EPOCHS = 100

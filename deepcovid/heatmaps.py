@@ -58,9 +58,9 @@ def heatmap_key(uri: str, bundle_id: str) -> str:
 
 def wanted(mode: HeatmapMode, result: ImageResult) -> bool:
     """Whether ``DEEPCOVID_HEATMAPS`` asks for this result's maps."""
-    if not result.scored or mode is HeatmapMode.none:
+    if not result.scored or mode == HeatmapMode.none:
         return False
-    return mode is HeatmapMode.all or bool(result.ensemble_decision)
+    return mode == HeatmapMode.all or bool(result.ensemble_decision)
 
 
 def encode(explanation: Explanation, geometry: CropGeometry, bundle_id: str, policy: str) -> bytes:

@@ -165,7 +165,7 @@ def score_chunk(
         return []
     propagate = _must_propagate()
     maps = None
-    if artifacts is not None and settings.heatmaps is not HeatmapMode.none:
+    if artifacts is not None and settings.heatmaps != HeatmapMode.none:
         maps = _Maps(settings.heatmaps, artifacts)
     batch_size = batch_size_for(settings, ensemble.device)
     threads = max(1, min(settings.decode_threads, len(uris)))

@@ -29,6 +29,7 @@ from deepcovid.settings import Settings, get_settings
 from deepcovid.storage import open_storage
 from training.calibration import calibration_summary, uncalibrated
 from training.data import Sample, class_counts, data_id, load_labelled
+from training.gallery import heatmap_review
 from training.metrics import strict_json, summarize
 from training.registry import record_evaluation_for
 from training.report import RELIABILITY, render_report, write_plots, write_reliability
@@ -152,8 +153,11 @@ def evaluate_bundle(
     settings: Settings | None = None,
     n_resamples: int = defaults.BOOTSTRAP_RESAMPLES,
     seed: int = 0,
+    heatmaps: bool = True,
 ) -> dict[str, Any]:
-    """Score ``data`` with ``bundle``, write report.md, metrics.json and the plots into ``out_dir``.
+    """Score ``data`` with ``bundle``, write report.md, metrics.json and the plots into ``out_dir``;
+    with ``heatmaps``, also a gallery of ensemble heatmaps and their mass at the border
+    (``training.gallery``).
 
     With ``record_db`` the metrics are also recorded in the bundle registry (registering the bundle
     first if needed); an unreachable or unmigrated database is reported, not fatal.
@@ -192,6 +196,10 @@ def evaluate_bundle(
             "caveats": list(CAVEATS),
         }
     )
+    if heatmaps:
+        metrics["heatmaps"] = heatmap_review(
+            ensemble, scored.samples, scored.labels, scored.probabilities, Path(out_dir), seed=seed
+        )
     _write_report(scored, per_scorer, metrics, Path(out_dir))
     if record_db:
         metrics["recorded"] = record_in_registry(bundle, metrics, settings)

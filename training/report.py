@@ -204,6 +204,7 @@ def render_report(metrics: Mapping[str, Any]) -> str:
     scorers = {**metrics["models"], ENSEMBLE_KEY: metrics[ENSEMBLE_KEY]}
     lines = _summary(metrics, scorers)
     lines += _calibration_section(metrics.get("calibration"))
+    lines += _heatmap_section(metrics.get("heatmaps"))
     for name, m in scorers.items():
         lines += _scorer_section(name, m)
     lines += _caveats(metrics)
@@ -259,6 +260,34 @@ def _calibration_section(calibration: Mapping[str, Mapping[str, Any]] | None) ->
         label = "**ensemble**" if name == ENSEMBLE_KEY else name
         lines.append(f"| {label} | {t} | {_ece(c.get('ece_before'))} | {_ece(c.get('ece_after'))} |")
     return lines + ["", f"![Reliability]({RELIABILITY})", ""]
+
+
+def _heatmap_section(heatmaps: Mapping[str, Any] | None) -> list[str]:
+    """Where the ensemble looked: heatmap mass at the border and top corners per class, and the gallery."""
+    if not heatmaps:
+        return []
+    border, corner = heatmaps["border_fraction"], heatmaps["corner_fraction"]
+    uniform = heatmaps["uniform"]
+    lines = [
+        "## Where the networks looked (Grad-CAM)",
+        "",
+        f"Share of the ensemble heatmap's mass in the outer {border:.0%} border of the crop the networks "
+        f"see, and in its two top corner squares ({corner:.0%} of the side), where labels and markers "
+        f"sit; mean over a random sample of at most {heatmaps['sample_per_class']} images per class. "
+        f"A map spread evenly would give {_pct(uniform['border'])} and {_pct(uniform['top_corners'])}: "
+        "much more than that means the networks look at text and borders rather than the lungs.",
+        "",
+        "| class | images | border | top corners |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, m in heatmaps["mass"].items():
+        lines.append(f"| {name} | {m['n']} | {_pct(m['border'])} | {_pct(m['top_corners'])} |")
+    lines += ["", "Gallery: ensemble heatmaps over the images (opaque names; scores are the ensemble's).", ""]
+    for kind, title in (("tp", "True positives"), ("fp", "False positives"), ("fn", "False negatives")):
+        shown = [g for g in heatmaps["gallery"] if g["kind"] == kind]
+        images = " ".join(f"![{g['kind']} {g['score']:.3f}]({g['file']})" for g in shown)
+        lines += [f"**{title}** ({len(shown)}): {images or 'none'}", ""]
+    return lines
 
 
 def _scorer_section(name: str, m: Mapping[str, Any]) -> list[str]:

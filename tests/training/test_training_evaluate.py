@@ -75,6 +75,19 @@ def test_evaluate_writes_report_and_records_metrics(
         assert 0 <= ece["ece_before"] <= 1 and 0 <= ece["ece_after"] <= 1
         assert f"{ece['ece_before']:.3f} | {ece['ece_after']:.3f} |" in report
 
+    # Where the networks looked: a gallery with opaque names, heatmap mass per class on a capped sample.
+    heatmaps = metrics["heatmaps"]
+    assert heatmaps["gallery"] and heatmaps["sample_per_class"] == 32
+    for entry in heatmaps["gallery"]:
+        assert entry["kind"] in ("tp", "fp", "fn") and entry["file"] in report
+        assert (out / entry["file"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    names = {sample.path.stem for sample in load_labelled(heldout_data)}
+    assert not any(name in path.name for path in (out / "gallery").iterdir() for name in names)
+    for label in ("covid", "non_covid"):
+        mass = heatmaps["mass"][label]
+        assert mass["n"] == 8 and 0 <= mass["top_corners"] <= mass["border"] <= 1
+    assert "## Where the networks looked (Grad-CAM)" in report and "| class | images | border |" in report
+
     # Recorded against the bundle, which evaluate registered (but did not activate).
     record = get_bundle(configured_database, bundle.bundle_id)
     stored = record.metrics["evaluations"][metrics["eval_data_id"]]
