@@ -223,30 +223,22 @@ def run_chunk(
     chunk.summary["skipped"] = len(message.uris) - len(todo)
     # A previous delivery of this chunk died mid-way (or isolated some of these images before).
     isolate = redelivered or any(state.get(u, (False, 0))[1] >= 1 for u in todo)
+
+    def score(uris: list[str]) -> None:
+        score_uris(
+            uris,
+            storage=storage,
+            ensemble=ensemble,
+            settings=settings,
+            on_results=chunk.write,
+            artifacts=artifacts,
+        )
+
     try:
         if not isolate:
-            score_uris(
-                todo,
-                storage=storage,
-                ensemble=ensemble,
-                settings=settings,
-                on_results=chunk.write,
-                artifacts=artifacts,
-            )
+            score(todo)
         else:
-            _score_isolated(
-                chunk,
-                todo,
-                redelivered,
-                lambda uris: score_uris(
-                    uris,
-                    storage=storage,
-                    ensemble=ensemble,
-                    settings=settings,
-                    on_results=chunk.write,
-                    artifacts=artifacts,
-                ),
-            )
+            _score_isolated(chunk, todo, redelivered, score)
     except retryable_errors():
         raise
     except SoftTimeLimitExceeded:

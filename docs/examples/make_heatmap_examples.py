@@ -4,13 +4,15 @@ A small CNN is trained for a few seconds on synthetic chest-X-ray-like images, t
 class is a bright opacity inside a lung field, once where it is a burned-in marker in the top-left
 corner: the shortcut heatmaps exist to catch. Each is then prepared as workers prepare networks
 (``prepare_network``), explained with ``deepcovid.explain.gradcam_at`` and drawn with
-``deepcovid.overlay.overlay_png`` on the full-size image, exactly as ``deepcovid explain`` draws.
+``deepcovid.overlay.overlay_png`` on the full-size image, exactly as ``deepcovid explain`` draws (then
+palette-quantised, to keep the repository small).
 
     PYTHONPATH=. .venv/bin/python docs/examples/make_heatmap_examples.py
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,8 @@ from deepcovid.overlay import overlay_png
 
 OUT = Path(__file__).resolve().parent
 TRAIN_SIZE = 112
-SHOWN_SIZE = 448
+SHOWN_SIZE = 320
+COLOURS = 256  # the PNG is palette-quantised (octree: the legend keeps its colours), well under 100 KB
 
 
 def chest(size: int, rng: np.random.Generator) -> np.ndarray:
@@ -34,7 +37,7 @@ def chest(size: int, rng: np.random.Generator) -> np.ndarray:
     body = 170 - 90 * ((xx - 0.5) ** 2 * 3 + (yy - 0.55) ** 2 * 1.5)
     lungs = sum(np.exp(-(((xx - cx) / 0.14) ** 2 + ((yy - 0.5) / 0.25) ** 2)) for cx in (0.32, 0.68))
     ribs = 12 * np.sin(yy * 60 + 3 * np.abs(xx - 0.5)) * lungs
-    return body - 80 * lungs + ribs + rng.normal(0, 6, (size, size))
+    return body - 80 * lungs + ribs + rng.normal(0, 3, (size, size))
 
 
 def marked(size: int, positive: bool, kind: str, rng: np.random.Generator) -> np.ndarray:
@@ -72,7 +75,7 @@ def train(kind: str, rng: np.random.Generator) -> nn.Module:
     torch.manual_seed(0)
     model = SmallCNN()
     optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(80):
+    for _ in range(60):
         labels = np.arange(32) % 2
         images = [marked(TRAIN_SIZE, bool(label), kind, rng) for label in labels]
         loss = nn.functional.cross_entropy(model(batch(images)), torch.from_numpy(labels))
@@ -91,7 +94,7 @@ def example(kind: str, caption: str, rng: np.random.Generator) -> Path:
     text = f"{caption}; synthetic image, P(COVID) {probabilities[0]:.2f}"
     png = overlay_png(shown, maps[0], geometry, caption=text, max_side=SHOWN_SIZE)
     path = OUT / f"heatmap-{kind}.png"
-    path.write_bytes(png)
+    Image.open(io.BytesIO(png)).quantize(COLOURS, method=Image.Quantize.FASTOCTREE).save(path, optimize=True)
     return path
 
 

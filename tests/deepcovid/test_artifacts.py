@@ -83,13 +83,10 @@ def test_the_s3_store_writes_under_its_prefix_and_a_missing_bucket_is_a_reason(s
     assert "NoSuchBucket" in str(caught.value) and "no-such-bucket-here" not in str(caught.value)
 
 
-def _s3(server) -> dict[str, object]:
-    return {
-        "s3_endpoint_url": server.endpoint_url,
-        "s3_region": server.region,
-        "s3_access_key_id": server.access_key,
-        "s3_secret_access_key": server.secret_key,
-    }
+def _s3(server) -> dict[str, str]:
+    """The server's DEEPCOVID_* variables as Settings fields."""
+    env = server.env()
+    return {k.removeprefix("DEEPCOVID_").lower(): v for k, v in env.items() if k.startswith("DEEPCOVID_")}
 
 
 def test_a_stored_map_reads_back_with_its_geometry_and_probabilities() -> None:

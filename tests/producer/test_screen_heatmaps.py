@@ -166,11 +166,7 @@ def test_an_s3_store_gets_the_maps_and_a_missing_bucket_fails_only_them(
     from producer.screen import screen
 
     client, bucket = s3_bucket
-    s3 = {
-        "s3_endpoint_url": s3_server.endpoint_url,
-        "s3_access_key_id": s3_server.access_key,
-        "s3_secret_access_key": s3_server.secret_key,
-    }
+    s3 = {k.removeprefix("DEEPCOVID_").lower(): v for k, v in s3_server.env().items() if "DEEPCOVID_" in k}
     settings = _settings(tmp_path / "ok", "all", artifacts=f"s3://{bucket}/maps", **s3)
     screen(str(archive), settings=settings, bundle=str(half_flagging_bundle))
     keys = {f"maps/{key}" for key, *_ in _rows(settings).values()}
