@@ -190,10 +190,12 @@ def test_killed_worker_loses_nothing(
     archive: Path,
     tiny_bundle_id: str,
 ) -> None:
-    """SIGKILL the whole worker (main process and pool child) mid-chunk; a new worker finishes it."""
+    """SIGKILL the whole worker (main process and pool child) mid-chunk; a new worker finishes it, and
+    every image ends with one heatmap row and one artifact, whichever delivery made it."""
     uris = write_images(archive, 12, size=1200)
     job_id = register(migrated_engine, tiny_bundle_id, uris)
     env = worker_env | {"DEEPCOVID_VISIBILITY_TIMEOUT": "5", "DEEPCOVID_BATCH_SIZE": "1"}
+    env["DEEPCOVID_HEATMAPS"] = "all"
 
     first = start_worker(env)
     send(env["DEEPCOVID_BROKER_URL"], env["DEEPCOVID_QUEUE"], job_id, tiny_bundle_id, uris)
@@ -209,6 +211,10 @@ def test_killed_worker_loses_nothing(
     assert prediction_counts(migrated_engine, tiny_bundle_id, uris) == {u: 1 for u in uris}
     assert "redelivered" in second.log()
     wait_for(lambda: job_state(migrated_engine, job_id) == "finished", 30, "the job to be finished")
+    with migrated_engine.connect() as conn:
+        keys = conn.execute(sa.text("SELECT key FROM heatmaps WHERE key IS NOT NULL")).scalars().all()
+    artifacts = [p for p in (Path(env["DEEPCOVID_DATA_DIR"]) / "artifacts").rglob("*") if p.is_file()]
+    assert len(keys) == len(set(keys)) == len(uris) and len(artifacts) == len(uris)
 
 
 SITECUSTOMIZE = f'''
