@@ -46,3 +46,24 @@ def test_config_command_masks_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     for secret in ("db-secret", "broker-secret", "s3-secret"):
         assert secret not in result.output
     assert "DEEPCOVID_BATCH_SIZE" in result.output
+
+
+def test_heatmaps_and_the_artifact_store_are_settings(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    from deepcovid.settings import HeatmapMode, SettingsError
+
+    assert Settings().heatmaps is HeatmapMode.flagged
+    assert Settings(data_dir=tmp_path).effective_artifacts == str(tmp_path / "artifacts")
+    monkeypatch.setenv("DEEPCOVID_HEATMAPS", "all")
+    monkeypatch.setenv("DEEPCOVID_ARTIFACTS", "s3://maps/deepcovid")
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(app, ["config"], env={"COLUMNS": "200"})
+        monkeypatch.setenv("DEEPCOVID_HEATMAPS", "some")
+        get_settings.cache_clear()
+        with pytest.raises(SettingsError, match="DEEPCOVID_HEATMAPS=some"):
+            get_settings()
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "DEEPCOVID_HEATMAPS" in text and "all" in text and "s3://maps/deepcovid" in text
