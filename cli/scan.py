@@ -299,6 +299,11 @@ def print_screen_summary(summary: ScreenSummary) -> None:
     if summary.failed:
         rows = [(reason, number(count)) for reason, count in summary.failed.most_common()]
         show(rows_table("Failures", ("reason", "images"), rows, right=("images",)))
+    if summary.heatmaps or summary.heatmap_errors:
+        _line(f"  heatmaps stored {number(summary.heatmaps)} in {summary.artifacts}")
+    if summary.heatmap_errors:
+        rows = [(why, number(count)) for why, count in summary.heatmap_errors.most_common()]
+        show(rows_table("Heatmaps not stored (the scores stand)", ("why", "images"), rows, right=("images",)))
     flagged = summary.highest_flagged()
     if flagged:
         rows = [(score(value), uri) for value, uri in flagged]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -151,6 +152,9 @@ def attach_heatmaps(
         return
     for i, explanation in zip(chosen, explanations, strict=True):
         results[i].heatmap = _store(ensemble, results[i].uri, explanation, geometries[i], store, propagate)
+    errors = Counter(results[i].heatmap.error for i in chosen if results[i].heatmap.error)  # type: ignore[union-attr]
+    for error, count in errors.items():
+        log.warning("%d of %d Grad-CAM maps not stored: %s", count, len(chosen), error)
 
 
 def _store(
@@ -167,10 +171,8 @@ def _store(
     except propagate:
         raise
     except ArtifactError as exc:
-        log.warning("a Grad-CAM map was not stored: %s", exc)
         return HeatmapOutcome(error=str(exc)[:255], geometry=geometry.as_dict())
     except Exception as exc:
-        log.error("storing a Grad-CAM map failed with %s", type(exc).__name__)
         return HeatmapOutcome(
             error=f"the map could not be stored ({type(exc).__name__})", geometry=geometry.as_dict()
         )

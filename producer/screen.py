@@ -79,6 +79,9 @@ class ScreenSummary:
     promoted: bool = False  # the --bundle given became the active bundle (there was none)
     untrained: bool = False  # the bundle is one `bundle init` made: its scores mean nothing
     unreadable: list[str] = field(default_factory=list)
+    heatmaps: int = 0  # Grad-CAM maps stored by this run
+    heatmap_errors: Counter[str] = field(default_factory=Counter)  # why maps were not stored -> count
+    artifacts: str = ""  # where the maps are (DEEPCOVID_ARTIFACTS or the data directory's store)
     not_listed: Counter[str] = field(default_factory=Counter)  # files left out, by extension
 
     @property
@@ -213,6 +216,7 @@ def screen(
         promoted=promoted,
         device=ensemble.label,
         untrained=untrained,
+        artifacts=artifacts.describe(),
     )
 
     def unreadable(path: str, exc: OSError) -> None:
@@ -363,6 +367,11 @@ def _read_flagged(engine: Engine, summary: ScreenSummary) -> None:
 
 def _tally(summary: ScreenSummary, results: list[ImageResult]) -> None:
     for result in results:
+        if result.heatmap is not None:
+            if result.heatmap.key is not None:
+                summary.heatmaps += 1
+            else:
+                summary.heatmap_errors[result.heatmap.error or "unknown"] += 1
         if result.scored:
             summary.scored += 1
             if result.ensemble_decision:

@@ -95,7 +95,7 @@ def test_all_links_one_map_to_every_scored_image_explaining_its_stored_score(
 
     settings = _settings(tmp_path, "all")
     summary = screen(str(archive), settings=settings, bundle=str(half_flagging_bundle))
-    assert summary.scored == 7 and sum(summary.failed.values()) == 1
+    assert summary.scored == 7 and sum(summary.failed.values()) == 1 and summary.heatmaps == 7
     rows = _rows(settings)
     predictions = _predictions(settings)
     assert set(rows) == set(predictions) and len(rows) == 7
@@ -152,7 +152,8 @@ def test_a_broken_store_leaves_every_image_scored_and_says_why(
     blocker.write_text("a file where the artifact store should be")
     settings = _settings(tmp_path, "all", artifacts=str(blocker / "maps"))
     summary = screen(str(archive), settings=settings, bundle=str(half_flagging_bundle))
-    assert summary.scored == 7
+    assert summary.scored == 7 and summary.heatmaps == 0
+    assert list(summary.heatmap_errors.values()) == [7]
     rows = _rows(settings)
     assert len(rows) == 7
     for key, error, _decision, _score in rows.values():
@@ -178,3 +179,17 @@ def test_an_s3_store_gets_the_maps_and_a_missing_bucket_fails_only_them(
     assert summary.scored == 7
     errors = {error for _key, error, *_ in _rows(missing).values()}
     assert errors == {"the artifact store refused the write: NoSuchBucket"}
+
+
+def test_the_screen_summary_counts_maps_and_says_why_some_were_not_stored(
+    run_cli, producer_env, archive: Path, half_flagging_bundle: Path, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the artifact store should be")
+    producer_env(HEATMAPS="all", ARTIFACTS=str(blocker / "maps"))
+    result = run_cli("screen", archive, "--bundle", half_flagging_bundle, "--allow-failures")
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.stdout.split())
+    assert "heatmaps stored 0" in out and "Heatmaps not stored (the scores stand)" in out
+    assert "the artifact store refused the write: Not a directory" in out
+    assert "scored now 7" in out
