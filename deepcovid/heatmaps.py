@@ -150,9 +150,12 @@ def attach_heatmaps(
                 error=f"the map could not be made ({type(exc).__name__})", geometry=geometries[i].as_dict()
             )
         return
+    errors: Counter[str] = Counter()
     for i, explanation in zip(chosen, explanations, strict=True):
-        results[i].heatmap = _store(ensemble, results[i].uri, explanation, geometries[i], store, propagate)
-    errors = Counter(results[i].heatmap.error for i in chosen if results[i].heatmap.error)  # type: ignore[union-attr]
+        outcome = _store(ensemble, results[i].uri, explanation, geometries[i], store, propagate)
+        results[i].heatmap = outcome
+        if outcome.error:
+            errors[outcome.error] += 1
     for error, count in errors.items():
         log.warning("%d of %d Grad-CAM maps not stored: %s", count, len(chosen), error)
 
