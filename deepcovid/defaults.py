@@ -112,6 +112,33 @@ OVERLAY_MAX_SIDE = 1024
 """Pixels: the longest side of an explanation overlay PNG; enough to see the lungs, small enough to store
 one per flagged image."""
 
+# --- review workbench ----------------------------------------------------------------------------
+
+REVIEW_HOST = "127.0.0.1"
+"""Where `deepcovid serve` listens unless told: this machine only; a proxy with TLS exposes it."""
+
+REVIEW_PORT = 8000
+"""The port `deepcovid serve` listens on unless told."""
+
+WORKLIST_PAGE = 50
+"""Rows per worklist page: a screenful, and the keyset query stays a bounded top-N."""
+
+SESSION_MAX_AGE_S = 12 * 3600
+"""Seconds a workbench sign-in lasts: one working day, then the reviewer signs in again."""
+
+LOGIN_ATTEMPTS = 5
+"""Failed sign-ins allowed per user name within LOGIN_WINDOW_S."""
+
+LOGIN_ATTEMPTS_PER_ADDRESS = 20
+"""Failed sign-ins allowed per client address within LOGIN_WINDOW_S: more than per name, as a whole team
+behind one proxy shares an address."""
+
+LOGIN_WINDOW_S = 300.0
+"""Seconds over which failed sign-ins are counted for the rate limit."""
+
+HEATMAP_CACHE = 64
+"""Images whose Grad-CAM maps the workbench keeps in memory: a reviewer going back and forth in a page."""
+
 # --- training (Minaee et al. 2020 unless said) ----------------------------------------------------
 
 EPOCHS = 100
