@@ -77,6 +77,11 @@ class Worklist:
     reason: str | None = None
 
     def __post_init__(self) -> None:
+        if self.review is not None and not isinstance(self.review, ReviewState):
+            try:
+                object.__setattr__(self, "review", ReviewState(self.review))
+            except ValueError:
+                raise BadQuery(f"unknown review state {self.review!r}") from None
         if self.sort not in SORTS:
             raise BadQuery(f"unknown sort {self.sort!r}")
         if self.decision is not None and self.decision not in DECISIONS:
@@ -86,15 +91,11 @@ class Worklist:
 
     @classmethod
     def from_params(cls, job_id: int | None, params: Mapping[str, str]) -> Worklist:
-        try:
-            review = ReviewState(params["review"]) if params.get("review") else None
-        except ValueError:
-            raise BadQuery(f"unknown review state {params['review']!r}") from None
         return cls(
             job_id=job_id,
             sort=params.get("sort") or "flagged",
             decision=params.get("decision") or None,
-            review=review,
+            review=params.get("review") or None,  # type: ignore[arg-type]  # checked in __post_init__
             reason=params.get("reason") or None,
         )
 
