@@ -108,7 +108,9 @@
     if (event.ctrlKey || event.metaKey || event.altKey) {
       return;
     }
-    if (target && (target.tagName === "TEXTAREA" || target.tagName === "INPUT" || target.tagName === "SELECT")) {
+    const typing = target && (target.tagName === "TEXTAREA" || target.tagName === "SELECT" ||
+      (target.tagName === "INPUT" && !["range", "checkbox", "button", "submit"].includes(target.type)));
+    if (typing) {
       return;
     }
     const go = function (id) {

@@ -13,7 +13,8 @@ import pytest
 
 from deepcovid.networks import ARCHITECTURES
 from deepcovid.results import ImageResult
-from tests.fixtures.images import dicom_bytes, png_bytes
+from tests.fixtures.images import dicom_bytes
+from training.synthetic import xray_png_bytes
 
 PASSWORD = "correct horse battery"
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
@@ -77,7 +78,7 @@ def seed_job(
             path.write_bytes(dicom_bytes(size=(320, 256), window=(2000, 3000)))
             info = {"dicom": {"ViewPosition": "PA", "StudyDate": "20260315", "StudyInstanceUID": "1.2.3.4"}}
         else:
-            path.write_bytes(png_bytes(size=(320, 256), seed=i))
+            path.write_bytes(xray_png_bytes(size=(320, 256), opacity=score >= THRESHOLD, seed=i))
         results.append(scored(str(path), score, spread, info))
     (archive / BROKEN).write_bytes(b"\x89PNG\r\n\x1a\n broken")
     results.append(ImageResult.failed(str(archive / BROKEN), "corrupt", "cannot decode"))
