@@ -133,8 +133,14 @@ class Prediction(Base):
     never duplicates, and rescoring in a later job leaves the earlier job's answer as it was."""
 
     __tablename__ = "predictions"
-    # The unique index also serves "has this bundle scored this image" (its first two columns).
-    __table_args__ = (sa.UniqueConstraint("image_id", "bundle_id", "job_id"),)
+    # The unique index also serves "has this bundle scored this image" (its first two columns). The others
+    # give the review worklist its orders without sorting a job (review.worklist).
+    __table_args__ = (
+        sa.UniqueConstraint("image_id", "bundle_id", "job_id"),
+        sa.Index(None, "ensemble_decision", "ensemble_score", "image_id"),
+        sa.Index(None, "ensemble_score", "image_id"),
+        sa.Index(None, "disagreement", "image_id"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     image_id: Mapped[int] = mapped_column(BigId, sa.ForeignKey("images.id", ondelete="CASCADE"))

@@ -14,7 +14,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.background import BackgroundTask
 from starlette.responses import FileResponse
 
-from db.queries import UnknownJob, job_progress, list_jobs
+from db.queries import UnknownJob, list_jobs
 from db.tables import images
 from deepcovid.errors import REASONS, UserError
 from deepcovid.networks import ARCHITECTURES
@@ -22,6 +22,7 @@ from deepcovid.results import ENSEMBLE_KEY
 from deepcovid.status import ReviewState, Role, Verdict
 from review import accounts, audit, outcomes, verdicts, worklist
 from review.accounts import Account
+from review.progress import job_header
 from review.web import Refused, admin, checked_form, render, signed_in, workbench
 from review.worklist import DECISIONS, SORTS, Worklist
 
@@ -46,7 +47,7 @@ def _worklist_page(request: Request, job_id: int | None) -> Response:
     progress = None
     if job_id is not None:
         try:
-            progress = job_progress(bench.engine, job_id)
+            progress = job_header(bench.engine, job_id)
         except UnknownJob:
             return _not_found(request, "job")
     found = worklist.page(bench.engine, wl, after=params.get("after"), before=params.get("before"))

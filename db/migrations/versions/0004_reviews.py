@@ -24,11 +24,19 @@ def _enum(name: str, *values: str) -> sa.Enum:
 
 
 VERDICTS = ("covid", "not_covid", "indeterminate", "not_chest_xray")
+WORKLIST_INDEXES = (
+    ("ensemble_decision", "ensemble_score", "image_id"),
+    ("ensemble_score", "image_id"),
+    ("disagreement", "image_id"),
+)
 
 
 def upgrade() -> None:
     with op.batch_alter_table("images") as batch:
         batch.add_column(sa.Column("study_date", sa.String(8), nullable=True))
+    # The worklist's keyset orders (review.worklist), read backwards from the top.
+    for columns in WORKLIST_INDEXES:
+        op.create_index(op.f("ix_predictions_" + "_".join(columns)), "predictions", list(columns))
     op.create_table(
         "users",
         sa.Column("id", BigId, autoincrement=True, nullable=False),
@@ -97,5 +105,7 @@ def downgrade() -> None:
     op.drop_table("image_reviews")
     op.drop_table("reviews")
     op.drop_table("users")
+    for columns in WORKLIST_INDEXES:
+        op.drop_index(op.f("ix_predictions_" + "_".join(columns)), "predictions")
     with op.batch_alter_table("images") as batch:
         batch.drop_column("study_date")
