@@ -22,7 +22,6 @@ from sqlalchemy.engine import Engine
 
 from db.models import Heatmap
 from deepcovid import defaults
-from deepcovid.bundle import BundleError, find_bundle
 from deepcovid.errors import ImageError
 from deepcovid.explain import CropGeometry
 from deepcovid.overlay import COLOUR_MAP, crop_in_display
@@ -98,6 +97,8 @@ class HeatmapSource:
         return HeatMaps(explained.explanation.maps, explained.geometry)
 
     def _ensemble(self, bundle_id: str) -> Any:
+        # torch: loaded with the first map asked for, not when the workbench starts
+        from deepcovid.bundle import BundleError, find_bundle
         from deepcovid.ensemble import Ensemble
 
         if bundle_id not in self._ensembles:
