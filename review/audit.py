@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -37,17 +38,10 @@ def record(
     )
 
 
-def record_now(
-    engine: Engine,
-    user_id: int | None,
-    action: str,
-    object_type: str,
-    object_id: int | None = None,
-    detail: str | None = None,
-) -> None:
-    """``record`` in a transaction of its own."""
+def record_now(engine: Engine, *entry: Any) -> None:
+    """``record`` (the same arguments after the connection) in a transaction of its own."""
     with writer(engine).begin() as conn:
-        record(conn, user_id, action, object_type, object_id, detail)
+        record(conn, *entry)
 
 
 @dataclass(frozen=True)

@@ -5,16 +5,14 @@ unlike ``db.queries.job_progress``, whose flagged and reused counts read every p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from db.jobs import runner_gone
 from db.models import as_utc, utcnow
-from db.queries import UnknownJob
+from db.queries import UnknownJob, finished_rate
 from db.tables import job_images, scan_jobs
-from deepcovid.defaults import RATE_WINDOW_S
 from deepcovid.status import ImageStatus, JobStatus
 
 
@@ -56,15 +54,5 @@ def job_header(engine: Engine, job_id: int) -> JobHeader:
             state = JobStatus.interrupted
         rate = None
         if state is JobStatus.running:
-            now = utcnow()
-            recent = conn.execute(
-                sa.select(sa.func.count()).where(
-                    of_job,
-                    job_images.c.state.in_([ImageStatus.scored, ImageStatus.failed]),
-                    job_images.c.reused.is_(False),
-                    job_images.c.updated_at >= now - timedelta(seconds=RATE_WINDOW_S),
-                )
-            ).scalar_one()
-            window = min(RATE_WINDOW_S, max((now - as_utc(job.created_at)).total_seconds(), 1.0))
-            rate = recent / window
+            rate = finished_rate(conn, job_id, as_utc(job.created_at), utcnow())
     return JobHeader(job_id, state, job.bundle_id, counts, rate)
