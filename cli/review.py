@@ -19,10 +19,12 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
 
-def _engine(write: bool = False) -> Engine:
+def _engine(create: bool = False) -> Engine:
+    """The results database; ``create``: the embedded SQLite default is made on first use, as `screen`
+    makes it, so `users add` and `serve` work on a fresh box."""
     from db.schema import open_database  # SQLAlchemy and Alembic: kept out of CLI start-up
 
-    return open_database(get_settings(), write=write)
+    return open_database(get_settings(), create=create)
 
 
 def serve_command(
@@ -37,7 +39,7 @@ def serve_command(
     from review.app import create_app
 
     settings = get_settings()
-    app = create_app(settings, _engine(write=True))
+    app = create_app(settings, _engine(create=True))
     err_console.print(f"review workbench on http://{host}:{port}/ (Ctrl-C stops it)", highlight=False)
     # X-Forwarded-Proto is read by the app itself, and only when DEEPCOVID_TRUST_FORWARDED_PROTO is set.
     uvicorn.run(app, host=host, port=port, proxy_headers=False, server_header=False, log_level="warning")
@@ -59,7 +61,7 @@ def users_add_command(
         password = sys.stdin.readline().rstrip("\r\n")
     else:
         password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
-    account = add_user(_engine(write=True), name, password, role)
+    account = add_user(_engine(create=True), name, password, role)
     err_console.print(f"added {account.role.value} [bold]{account.name}[/]", highlight=False)
 
 
@@ -83,7 +85,7 @@ def users_disable_command(name: Annotated[str, typer.Argument(help="User name.")
     """Disable an account: it cannot sign in, and its open sessions end at once."""
     from review.accounts import disable_user
 
-    disable_user(_engine(write=True), name)
+    disable_user(_engine(create=True), name)
     err_console.print(f"disabled [bold]{name}[/]", highlight=False)
 
 
