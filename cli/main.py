@@ -11,7 +11,7 @@ from importlib.metadata import version as package_version
 
 import typer
 
-from cli import core, db, explain, jobs, scan, training, worker
+from cli import core, db, explain, jobs, review, scan, training, worker
 from cli.render import error, guarded, warning
 from deepcovid.exitcodes import ExitCode, help_text
 from deepcovid.settings import unknown_variables
@@ -68,6 +68,15 @@ app.command("train")(guarded(training.train_command))
 app.command("evaluate")(guarded(training.evaluate_command))
 app.command("explain")(guarded(explain.explain_command))
 app.command("worker")(guarded(worker.worker_command))
+app.command("serve")(guarded(review.serve_command))
+users_app = typer.Typer(help="Review workbench accounts.", no_args_is_help=True)
+users_app.command("add")(guarded(review.users_add_command))
+users_app.command("list")(guarded(review.users_list_command))
+users_app.command("disable")(guarded(review.users_disable_command))
+app.add_typer(users_app, name="users")
+reviews_app = typer.Typer(help="Reviewers' verdicts: export them as labels.", no_args_is_help=True)
+reviews_app.command("export")(guarded(review.reviews_export_command))
+app.add_typer(reviews_app, name="reviews")
 
 bundle_app.command("init")(guarded(core.bundle_init_command))
 bundle_app.command("show")(guarded(core.bundle_show_command))

@@ -130,9 +130,19 @@ def train_command(
 
 
 def evaluate_command(
-    bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
-    test_data: Annotated[Path, typer.Argument(help="Labelled folder or CSV to evaluate on.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder (report.md, metrics.json, PNGs).")],
+    bundle: Annotated[Optional[Path], typer.Argument(help="Bundle directory.")] = None,
+    test_data: Annotated[
+        Optional[Path], typer.Argument(help="Labelled folder or CSV to evaluate on.")
+    ] = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Report folder (report.md, metrics.json, PNGs).")
+    ] = None,
+    reviews: Annotated[
+        Optional[int],
+        typer.Option(
+            "--reviews", help="Instead: job JOB's PPV and sensitivity against the reviewers' verdicts."
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1)] = defaults.EVAL_BATCH_SIZE,
     bootstrap: Annotated[
@@ -142,7 +152,18 @@ def evaluate_command(
         bool, typer.Option("--db/--no-db", help="Record the metrics in the bundle registry.")
     ] = True,
 ) -> None:
-    """Evaluate a bundle on labelled test data with the screener's own scoring; write a report."""
+    """Evaluate a bundle on labelled test data with the screener's own scoring; write a report.
+
+    With --reviews JOB: the screener's PPV on job JOB's reviewed images, and its sensitivity where
+    reviewed images it did not flag allow one, against the review workbench's settled verdicts.
+    """
+    if reviews is not None:
+        from cli.review import print_reviewed_metrics
+
+        print_reviewed_metrics(reviews)
+        return
+    if bundle is None or test_data is None or out is None:
+        raise fail("give BUNDLE, TEST_DATA and --out (or --reviews JOB)", ExitCode.USAGE)
     from training.evaluate import evaluate_bundle  # torch: kept out of CLI start-up
 
     _setup_logging()

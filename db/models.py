@@ -1,4 +1,5 @@
-"""The results database schema: scan jobs, their images, predictions, heatmaps, the bundle registry.
+"""The results database schema: scan jobs, their images, predictions, heatmaps, the bundle registry, and
+the review workbench's accounts, verdicts and audit log.
 
 Types are portable (JSON, string-backed enums, partial unique index declared for both dialects) so the
 same models and migrations serve the embedded SQLite file and production PostgreSQL.
@@ -13,7 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from deepcovid.status import ImageStatus, JobStatus
+from deepcovid.status import ImageStatus, JobStatus, ReviewState, Role, Verdict
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -92,6 +93,7 @@ class Image(Base):
     series_uid: Mapped[str | None] = mapped_column(sa.String(64))
     sop_uid: Mapped[str | None] = mapped_column(sa.String(64))
     view: Mapped[str | None] = mapped_column(sa.String(16))
+    study_date: Mapped[str | None] = mapped_column(sa.String(8))  # DICOM StudyDate, YYYYMMDD
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -131,8 +133,14 @@ class Prediction(Base):
     never duplicates, and rescoring in a later job leaves the earlier job's answer as it was."""
 
     __tablename__ = "predictions"
-    # The unique index also serves "has this bundle scored this image" (its first two columns).
-    __table_args__ = (sa.UniqueConstraint("image_id", "bundle_id", "job_id"),)
+    # The unique index also serves "has this bundle scored this image" (its first two columns). The others
+    # give the review worklist its orders without sorting a job (review.worklist).
+    __table_args__ = (
+        sa.UniqueConstraint("image_id", "bundle_id", "job_id"),
+        sa.Index(None, "ensemble_decision", "ensemble_score", "image_id"),
+        sa.Index(None, "ensemble_score", "image_id"),
+        sa.Index(None, "disagreement", "image_id"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     image_id: Mapped[int] = mapped_column(BigId, sa.ForeignKey("images.id", ondelete="CASCADE"))
@@ -193,3 +201,67 @@ class BundleRecord(Base):
     metrics: Mapped[dict[str, Any] | None]
     registered_at: Mapped[datetime] = mapped_column(default=utcnow)
     active: Mapped[bool] = mapped_column(default=False)
+
+
+class User(Base):
+    """A review workbench account; never deleted (reviews and the audit log name it), only disabled."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(sa.String(255))  # argon2id, PHC string
+    role: Mapped[Role] = mapped_column(_enum(Role, "user_role"), default=Role.reviewer)
+    disabled: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Review(Base):
+    """One reviewer's verdict on an image (scored by ``bundle_id``); a reviewer's later verdict replaces
+    theirs. ``adjudication`` marks an admin's final word on a disputed image."""
+
+    __tablename__ = "reviews"
+    __table_args__ = (
+        sa.UniqueConstraint("image_id", "reviewer_id", "adjudication"),
+        sa.Index(None, "bundle_id", "image_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    image_id: Mapped[int] = mapped_column(BigId, sa.ForeignKey("images.id", ondelete="CASCADE"))
+    bundle_id: Mapped[str] = mapped_column(sa.String(128))
+    reviewer_id: Mapped[int] = mapped_column(BigId, sa.ForeignKey("users.id"))
+    verdict: Mapped[Verdict] = mapped_column(_enum(Verdict, "verdict"))
+    note: Mapped[str | None] = mapped_column(sa.Text)
+    adjudication: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ImageReview(Base):
+    """Where an image stands with its reviewers, kept beside ``reviews`` in the same transaction so the
+    worklist filters by review state with one join; an unreviewed image has no row."""
+
+    __tablename__ = "image_reviews"
+    __table_args__ = (sa.Index(None, "state"),)
+
+    image_id: Mapped[int] = mapped_column(
+        BigId, sa.ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
+    )
+    state: Mapped[ReviewState] = mapped_column(_enum(ReviewState, "review_state"))
+    consensus: Mapped[Verdict | None] = mapped_column(_enum(Verdict, "consensus"))
+    reviews: Mapped[int] = mapped_column(default=0)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AuditEntry(Base):
+    """Who did what to which object, and when: every view and every verdict. Ids only, never a URI."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (sa.Index(None, "object_type", "object_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    user_id: Mapped[int | None] = mapped_column(BigId, sa.ForeignKey("users.id"))
+    action: Mapped[str] = mapped_column(sa.String(32))
+    object_type: Mapped[str] = mapped_column(sa.String(16))
+    object_id: Mapped[int | None] = mapped_column(sa.BigInteger)
+    detail: Mapped[str | None] = mapped_column(sa.String(255))

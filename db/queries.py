@@ -235,16 +235,7 @@ def _progress(conn: Connection, job: sa.Row[Any], stall_after: float | None = No
     progress.last_progress_at = max(progress.created_at, as_utc(newest) or progress.created_at)
     if state is not JobStatus.running:
         return progress
-    recent = conn.execute(
-        sa.select(sa.func.count()).where(
-            of_job,
-            job_images.c.state.in_([ImageStatus.scored, ImageStatus.failed]),
-            job_images.c.reused.is_(False),
-            job_images.c.updated_at >= now - timedelta(seconds=RATE_WINDOW_S),
-        )
-    ).scalar_one()
-    window = min(RATE_WINDOW_S, max((now - progress.created_at).total_seconds(), 1.0))
-    progress.rate_per_s = recent / window
+    progress.rate_per_s = finished_rate(conn, job.id, progress.created_at, now)
     if progress.queued and progress.rate_per_s > 0:
         progress.eta_s = progress.queued / progress.rate_per_s
     elif not progress.queued:
@@ -255,6 +246,20 @@ def _progress(conn: Connection, job: sa.Row[Any], stall_after: float | None = No
         and (now - progress.last_progress_at).total_seconds() > stall_after
     )
     return progress
+
+
+def finished_rate(conn: Connection, job_id: int, created_at: datetime, now: datetime) -> float:
+    """Images a job finished (scored or failed, not reused) per second over the last RATE_WINDOW_S."""
+    recent = conn.execute(
+        sa.select(sa.func.count()).where(
+            job_images.c.job_id == job_id,
+            job_images.c.state.in_([ImageStatus.scored, ImageStatus.failed]),
+            job_images.c.reused.is_(False),
+            job_images.c.updated_at >= now - timedelta(seconds=RATE_WINDOW_S),
+        )
+    ).scalar_one()
+    window = min(RATE_WINDOW_S, max((now - created_at).total_seconds(), 1.0))
+    return recent / window
 
 
 def _job_bundle(conn: Connection, job_id: int) -> str:

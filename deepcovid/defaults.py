@@ -126,6 +126,33 @@ HEATMAP_BORDER = 0.10
 HEATMAP_CORNER = 0.20
 """Side of each top corner square, as a fraction of the side, where burned-in labels sit."""
 
+# --- review workbench ----------------------------------------------------------------------------
+
+REVIEW_HOST = "127.0.0.1"
+"""Where `deepcovid serve` listens unless told: this machine only; a proxy with TLS exposes it."""
+
+REVIEW_PORT = 8000
+"""The port `deepcovid serve` listens on unless told."""
+
+WORKLIST_PAGE = 50
+"""Rows per worklist page: a screenful, and the keyset query stays a bounded top-N."""
+
+SESSION_MAX_AGE_S = 12 * 3600
+"""Seconds a workbench sign-in lasts: one working day, then the reviewer signs in again."""
+
+LOGIN_ATTEMPTS = 5
+"""Failed sign-ins allowed per user name within LOGIN_WINDOW_S."""
+
+LOGIN_ATTEMPTS_PER_ADDRESS = 20
+"""Failed sign-ins allowed per client address within LOGIN_WINDOW_S: more than per name, as a whole team
+behind one proxy shares an address."""
+
+LOGIN_WINDOW_S = 300.0
+"""Seconds over which failed sign-ins are counted for the rate limit."""
+
+HEATMAP_CACHE = 64
+"""Images whose Grad-CAM maps the workbench keeps in memory: a reviewer going back and forth in a page."""
+
 # --- training (Minaee et al. 2020 unless said) ----------------------------------------------------
 
 EPOCHS = 100

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-# DICOM attributes kept for audit, each cut to the longest value its VR allows (UI 64, CS 16).
+# DICOM attributes kept for audit, each cut to the longest value its VR allows (UI 64, CS 16, DA 8).
 # Patient name, id and birth date are deliberately absent.
 DICOM_KEYWORDS: dict[str, int] = {
     "StudyInstanceUID": 64,
@@ -17,6 +17,7 @@ DICOM_KEYWORDS: dict[str, int] = {
     "Modality": 16,
     "ViewPosition": 16,
     "BodyPartExamined": 16,
+    "StudyDate": 8,  # YYYYMMDD: the review worklist sorts by it
 }
 # The kept attributes the results database stores in columns of their own, by column name.
 DICOM_COLUMNS: dict[str, str] = {
@@ -24,6 +25,7 @@ DICOM_COLUMNS: dict[str, str] = {
     "series_uid": "SeriesInstanceUID",
     "sop_uid": "SOPInstanceUID",
     "view": "ViewPosition",
+    "study_date": "StudyDate",
 }
 
 

@@ -107,6 +107,12 @@ class Settings(BaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    # Review workbench (`deepcovid serve`). The key signing session cookies; empty: one is generated and
+    # kept in data_dir/secret_key (0600) on first use, so sessions survive restarts.
+    secret_key: SecretStr | None = None
+    # Behind a TLS-terminating proxy: trust its X-Forwarded-Proto to mark session cookies Secure.
+    trust_forwarded_proto: bool = False
+
     @field_validator("cpu_bf16", mode="before")
     @classmethod
     def _bf16_switch(cls, value: object) -> object:
@@ -165,7 +171,7 @@ class Settings(BaseSettings):
                 value = self.effective_database_url
             if isinstance(value, SecretStr):
                 value = value.get_secret_value()
-                if name.startswith("s3_"):
+                if name.startswith("s3_") or name == "secret_key":
                     value = "***" if value else ""
             if isinstance(value, list):
                 value = ",".join(str(v) for v in value)

@@ -31,3 +31,44 @@ class JobStatus(str, Enum):
     @property
     def resumable(self) -> bool:
         return self in (JobStatus.running, JobStatus.interrupted)
+
+
+class Role(str, Enum):
+    """What a review workbench account may do: reviewers review; admins also manage users and adjudicate."""
+
+    reviewer = "reviewer"
+    admin = "admin"
+
+
+class Verdict(str, Enum):
+    """A reviewer's reading of one image; ``label`` is the button a reviewer presses."""
+
+    covid = "covid"
+    not_covid = "not_covid"
+    indeterminate = "indeterminate"
+    not_chest = "not_chest_xray"
+
+    @property
+    def label(self) -> str:
+        return VERDICT_LABELS[self]
+
+    @property
+    def training_label(self) -> str | None:
+        """The class ``deepcovid train`` reads (training.data.LABELS), or None when it names no class."""
+        return {Verdict.covid: "covid", Verdict.not_covid: "non_covid"}.get(self)
+
+
+VERDICT_LABELS: dict[Verdict, str] = {
+    Verdict.covid: "COVID-19",
+    Verdict.not_covid: "Not COVID-19",
+    Verdict.indeterminate: "Indeterminate",
+    Verdict.not_chest: "Not a chest X-ray",
+}
+
+
+class ReviewState(str, Enum):
+    """Where an image stands with its reviewers: ``disputed`` until verdicts agree or an admin adjudicates."""
+
+    unreviewed = "unreviewed"
+    reviewed = "reviewed"
+    disputed = "disputed"

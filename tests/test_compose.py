@@ -28,6 +28,7 @@ SECRETS = (
     "MINIO_READER_USER",
     "MINIO_READER_PASSWORD",
     "FLOWER_BASIC_AUTH",
+    "REVIEW_SECRET_KEY",
 )
 # Services whose image cannot run with these settings; none so far.
 NOT_HARDENED: dict[str, str] = {}

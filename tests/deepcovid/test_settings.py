@@ -37,13 +37,14 @@ def test_config_command_masks_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DEEPCOVID_DATABASE_URL", "postgresql+psycopg://u:db-secret@h/db")
     monkeypatch.setenv("DEEPCOVID_BROKER_URL", "amqp://guest:broker-secret@h:5672//")
     monkeypatch.setenv("DEEPCOVID_S3_SECRET_ACCESS_KEY", "s3-secret")
+    monkeypatch.setenv("DEEPCOVID_SECRET_KEY", "session-secret")
     get_settings.cache_clear()
     try:
         result = CliRunner().invoke(app, ["config"], env={"COLUMNS": "200"})
     finally:
         get_settings.cache_clear()
     assert result.exit_code == 0, result.output
-    for secret in ("db-secret", "broker-secret", "s3-secret"):
+    for secret in ("db-secret", "broker-secret", "s3-secret", "session-secret"):
         assert secret not in result.output
     assert "DEEPCOVID_BATCH_SIZE" in result.output
 
