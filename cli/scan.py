@@ -55,6 +55,7 @@ EXIT_CODES = (
     ExitCode.NO_BUNDLE,
     ExitCode.OUTSIDE_STORAGE_ROOTS,
     ExitCode.S3_UNREACHABLE,
+    ExitCode.PACS_UNREACHABLE,
     ExitCode.NO_IMAGES,
     ExitCode.DATA_DIR_NOT_WRITABLE,
     ExitCode.INTERRUPTED,

@@ -83,7 +83,7 @@ class Image(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     uri: Mapped[str] = mapped_column(sa.Text, unique=True)
-    storage: Mapped[str] = mapped_column(sa.String(8))  # "file" or "s3"
+    storage: Mapped[str] = mapped_column(sa.String(8))  # "file", "s3" or "dicomweb"
     size: Mapped[int | None] = mapped_column(sa.BigInteger)
     mtime: Mapped[datetime | None]
     etag: Mapped[str | None] = mapped_column(sa.String(128))

@@ -77,6 +77,8 @@ PREDICTION_UPDATES = tuple(column for column in PREDICTION_COLUMNS if column not
 
 
 def storage_kind(uri: str) -> str:
+    if uri.startswith(("dicomweb://", "dicomwebs://")):
+        return "dicomweb"
     return "s3" if uri.startswith("s3://") else "file"
 
 

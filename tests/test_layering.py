@@ -7,8 +7,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("deepcovid", "db", "producer", "worker", "training", "cli")
-ROLES = ("db", "producer", "worker", "training", "cli")
+PACKAGES = ("deepcovid", "db", "producer", "worker", "training", "cli", "pacs")
+ROLES = ("db", "producer", "worker", "training", "cli", "pacs")
 MAX_LINES = 500
 
 
