@@ -173,6 +173,26 @@ class Heatmap(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class Publication(Base):
+    """Where one image's DICOM SR report under one bundle was sent (a PACS service root), and how it went.
+
+    Keyed by (image, bundle, destination) like the report's own UIDs, so publishing again updates the row;
+    ``reason`` says why the last attempt failed (never a URI, never patient data)."""
+
+    __tablename__ = "publications"
+
+    image_id: Mapped[int] = mapped_column(
+        BigId, sa.ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
+    )
+    bundle_id: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
+    destination: Mapped[str] = mapped_column(sa.String(255), primary_key=True)  # dicomweb:// service root
+    state: Mapped[str] = mapped_column(sa.String(16))  # deepcovid.status.PublishStatus
+    sop_uid: Mapped[str | None] = mapped_column(sa.String(64))  # the report's SOP Instance UID
+    reason: Mapped[str | None] = mapped_column(sa.String(255))
+    attempts: Mapped[int] = mapped_column(default=0)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class BundleRecord(Base):
     """A registered model bundle; exactly one may be active (a partial unique index enforces it)."""
 

@@ -31,3 +31,11 @@ class JobStatus(str, Enum):
     @property
     def resumable(self) -> bool:
         return self in (JobStatus.running, JobStatus.interrupted)
+
+
+class PublishStatus(str, Enum):
+    """Where an image's DICOM SR report stands with one destination PACS."""
+
+    published = "published"  # the PACS stored it (again, if it was sent before: same UIDs)
+    failed = "failed"  # the last attempt failed; `deepcovid publish` sends it again
+    skipped = "skipped"  # no report can be made: the source is not a DICOM

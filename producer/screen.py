@@ -46,7 +46,7 @@ from deepcovid.pipeline import score_chunk
 from deepcovid.results import ImageResult
 from deepcovid.settings import Settings, get_settings
 from deepcovid.status import JobStatus
-from deepcovid.storage import open_storage
+from deepcovid.storage import Storage, open_storage
 from deepcovid.untrained import is_untrained
 from producer.listing import Include, first_batch, list_source, parse_include, registered
 from producer.preflight import NO_BUNDLE_HELP, check_source
@@ -254,6 +254,8 @@ def screen(
                     device=summary.device,
                 )
                 _tally(summary, results)
+                if settings.publish_to:
+                    _publish(engine, job_id, chunk, settings, storage)
                 if on_chunk is not None:
                     on_chunk(summary)
     except KeyboardInterrupt:
@@ -266,6 +268,16 @@ def screen(
         finish_job_if_done(engine, job_id)
     _read_flagged(engine, summary)
     return summary
+
+
+def _publish(engine: Engine, job_id: int, uris: list[str], settings: Settings, storage: Storage) -> None:
+    """DEEPCOVID_PUBLISH_TO: the chunk's reports go to the PACS now; failures are recorded per image and
+    never stop the screening (`deepcovid publish JOB` sends them again)."""
+    from pacs.publish import Publisher, publish_job  # highdicom: only where publishing is configured
+
+    publish_job(
+        engine, job_id, settings.publish_to or "", settings, uris=uris, publisher=Publisher(settings, storage)
+    )
 
 
 def resume_hint(job_id: int) -> str:

@@ -12,7 +12,7 @@ from db.migrate import current, downgrade, head_revisions, upgrade
 from db.models import Base
 from db.schema import SchemaNotCurrent, ensure_schema_current
 
-TABLES = {"scan_jobs", "images", "job_images", "predictions", "heatmaps", "bundles"}
+TABLES = {"scan_jobs", "images", "job_images", "predictions", "heatmaps", "bundles", "publications"}
 
 
 def _tables(url: str) -> set[str]:
@@ -32,10 +32,12 @@ def test_upgrade_from_empty_matches_models(empty_database_url: str) -> None:
 
 def test_downgrade_to_base_and_upgrade_again(empty_database_url: str) -> None:
     upgrade(empty_database_url)
+    downgrade(empty_database_url, "0003")
+    assert _tables(empty_database_url) == TABLES - {"publications"}
     downgrade(empty_database_url, "0002")
-    assert _tables(empty_database_url) == TABLES - {"heatmaps"}
+    assert _tables(empty_database_url) == TABLES - {"heatmaps", "publications"}
     downgrade(empty_database_url, "0001")
-    assert _tables(empty_database_url) == TABLES - {"heatmaps", "job_images"}
+    assert _tables(empty_database_url) == TABLES - {"heatmaps", "job_images", "publications"}
     downgrade(empty_database_url, "base")
     assert _tables(empty_database_url) == set()
     assert current(empty_database_url).current == ()
