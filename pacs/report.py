@@ -12,6 +12,7 @@ system writes patient data, and only into the report, never into a log or the re
 
 from __future__ import annotations
 
+import copy
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,7 +20,9 @@ from importlib.metadata import PackageNotFoundError, version
 
 import highdicom as hd
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
+from pydicom.valuerep import DA, TM
 
 from deepcovid.networks import ARCHITECTURES
 
@@ -74,8 +77,38 @@ def report_uids(source: Dataset, bundle_id: str) -> tuple[str, str]:
     return series, derived_uid("sr", str(source.SOPInstanceUID), bundle_id)
 
 
+# The longest value of each string VR (PS3.5 6.2): a source's longer values are not copied.
+_MAX_LENGTH = {"AE": 16, "CS": 16, "DS": 16, "IS": 12, "LO": 64, "SH": 16, "UI": 64, "PN": 324}
+
+
+def _copyable(source: Dataset) -> Dataset:
+    """``source``'s header with the copied values that break their VR emptied (patient and study
+    attributes are type 2 in the report): de-identification tools leave hashes in PatientBirthDate or
+    AccessionNumber, for one."""
+    header = copy.copy(source)
+    for keyword, vr in (("PatientBirthDate", DA), ("StudyDate", DA), ("StudyTime", TM)):
+        value = header.get(keyword)
+        if value:
+            try:
+                vr(str(value))
+            except ValueError:
+                setattr(header, keyword, "")
+    if str(header.get("PatientSex", "") or "") not in ("", "M", "F", "O"):
+        header.PatientSex = ""
+    for element in header:
+        limit = _MAX_LENGTH.get(element.VR)
+        if limit and element.value and any(len(str(v)) > limit for v in _values(element.value)):
+            element.value = ""
+    return header
+
+
+def _values(value: object) -> list[object]:
+    return list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
+
+
 def build_report(source: Dataset, scores: Scores) -> hd.sr.ComprehensiveSR:
     """The SR on ``source`` (its header is enough: patient, study and SOP attributes) for ``scores``."""
+    source = _copyable(source)
     series_uid, sop_uid = report_uids(source, scores.bundle_id)
     algorithm = hd.sr.AlgorithmIdentification(
         name=ALGORITHM, version=scores.bundle_id, parameters=[f"threshold={scores.threshold:.6g}"]
