@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import uuid
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -108,7 +109,13 @@ def _values(value: object) -> list[object]:
 
 def build_report(source: Dataset, scores: Scores) -> hd.sr.ComprehensiveSR:
     """The SR on ``source`` (its header is enough: patient, study and SOP attributes) for ``scores``."""
-    source = _copyable(source)
+    # highdicom's warnings quote the values they doubt, a patient's name among them: never shown.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _build(_copyable(source), scores)
+
+
+def _build(source: Dataset, scores: Scores) -> hd.sr.ComprehensiveSR:
     series_uid, sop_uid = report_uids(source, scores.bundle_id)
     algorithm = hd.sr.AlgorithmIdentification(
         name=ALGORITHM, version=scores.bundle_id, parameters=[f"threshold={scores.threshold:.6g}"]
