@@ -9,7 +9,7 @@ import typer
 
 from cli.render import console, fail
 from deepcovid.exitcodes import ExitCode
-from deepcovid.settings import get_settings
+from deepcovid.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -43,8 +43,8 @@ def publish_command(
     reports not yet published there (new, or failed before) are sent. Exit 1 if any failed."""
     from pacs.publish import publish_job  # highdicom and SQLAlchemy: kept out of CLI start-up
 
-    settings = get_settings()
     engine, progress = _open(job, write=True)
+    settings = _reading_the_job_pacs(progress.source)
     destination = to or settings.publish_to or _source_pacs(progress.source)
     if not destination:
         raise fail(
@@ -52,9 +52,6 @@ def publish_command(
             "dicomweb://host:port/path",
             ExitCode.USAGE,
         )
-    source_pacs = _source_pacs(progress.source)
-    if source_pacs:  # the job's own PACS, named by whoever ran it: its headers are read from there
-        settings = settings.model_copy(update={"dicomweb_allow": [*settings.dicomweb_allow, source_pacs]})
     summary = publish_job(engine, job, destination, settings, again=again)
     _report(summary, f"published to {summary.destination}")
     if summary.failed:
@@ -68,14 +65,19 @@ def write_reports_command(job: int, out: Path | None) -> None:
     if out is None:
         raise fail("--format dicom-sr writes one file per report: give the folder with --out", ExitCode.USAGE)
     engine, progress = _open(job)
-    settings = get_settings()
-    source_pacs = _source_pacs(progress.source)
-    if source_pacs:
-        settings = settings.model_copy(update={"dicomweb_allow": [*settings.dicomweb_allow, source_pacs]})
-    summary = write_reports(engine, job, out, settings)
+    summary = write_reports(engine, job, out, _reading_the_job_pacs(progress.source))
     _report(summary, f"written to {out}")
     if summary.failed:
         raise typer.Exit(int(ExitCode.FAILURES))
+
+
+def _reading_the_job_pacs(source: str) -> Settings:
+    """The settings, with the job's own PACS (named by whoever ran it) allowed: its headers are read."""
+    settings = get_settings()
+    pacs = _source_pacs(source)
+    if not pacs:
+        return settings
+    return settings.model_copy(update={"dicomweb_allow": [*settings.dicomweb_allow, pacs]})
 
 
 def _source_pacs(source: str) -> str:
