@@ -44,6 +44,7 @@ class OutputFormat(str, Enum):
     table = "table"
     csv = "csv"
     jsonl = "jsonl"
+    dicom_sr = "dicom-sr"
 
 
 class ListFormat(str, Enum):
@@ -327,8 +328,15 @@ def prune_command(
 def results_command(
     job: int = typer.Argument(..., help="Job id."),
     flagged: bool = typer.Option(False, "--flagged", help="Only images the ensemble flagged COVID-positive."),
-    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table (terminal), csv or jsonl."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write to this file instead of standard output."),
+    fmt: OutputFormat = typer.Option(
+        OutputFormat.table,
+        "--format",
+        help="table (terminal), csv, jsonl, or dicom-sr (one DICOM SR report per scored image, into the "
+        "--out folder).",
+    ),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Write to this file instead of standard output (dicom-sr: this folder)."
+    ),
     limit: Optional[int] = typer.Option(
         None,
         "--limit",
@@ -339,6 +347,11 @@ def results_command(
     """Show or export a job's results; csv and jsonl stream, so a job of any size can be exported."""
     from db.queries import export_results  # SQLAlchemy: kept out of CLI start-up
 
+    if fmt is OutputFormat.dicom_sr:
+        from cli.pacs import write_reports_command  # highdicom: only for DICOM SR reports
+
+        write_reports_command(job, out)
+        return
     check_output(out)
     engine = database()
     _job(engine, job)

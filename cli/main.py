@@ -11,7 +11,7 @@ from importlib.metadata import version as package_version
 
 import typer
 
-from cli import core, db, explain, jobs, review, scan, training, worker
+from cli import core, db, explain, jobs, pacs, review, scan, training, worker
 from cli.render import error, guarded, warning
 from deepcovid.exitcodes import ExitCode, help_text
 from deepcovid.settings import unknown_variables
@@ -56,6 +56,7 @@ app.command("enqueue", help=scan.enqueue_command.__doc__ + SCAN_HELP)(guarded(sc
 app.command("screen", help=scan.screen_command.__doc__ + SCAN_HELP)(guarded(scan.screen_command))
 app.command("status")(guarded(jobs.status_command))
 app.command("results")(guarded(jobs.results_command))
+app.command("publish")(guarded(pacs.publish_command))
 jobs_app = typer.Typer(help=jobs.jobs_command.__doc__, invoke_without_command=True)
 jobs_app.callback()(guarded(jobs.jobs_command))
 jobs_app.command("close")(guarded(jobs.close_command))

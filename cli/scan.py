@@ -55,6 +55,7 @@ EXIT_CODES = (
     ExitCode.NO_BUNDLE,
     ExitCode.OUTSIDE_STORAGE_ROOTS,
     ExitCode.S3_UNREACHABLE,
+    ExitCode.PACS_UNREACHABLE,
     ExitCode.NO_IMAGES,
     ExitCode.DATA_DIR_NOT_WRITABLE,
     ExitCode.INTERRUPTED,
@@ -66,6 +67,35 @@ UNREADABLE_SHOWN = 10
 
 DEFAULT_INCLUDE = ",".join(suffix.lstrip(".") for suffix in ARCHIVE_SUFFIXES)
 
+SINCE = typer.Option(
+    None, "--since", help="dicomweb:// sources: studies from this date (YYYY-MM-DD), by StudyDate."
+)
+UNTIL = typer.Option(None, "--until", help="dicomweb:// sources: studies up to this date (YYYY-MM-DD).")
+MODALITY = typer.Option(
+    None, "--modality", help="dicomweb:// sources: modalities to list, comma separated (default CR,DX)."
+)
+SOURCE_HELP = (
+    "A directory (under DEEPCOVID_STORAGE_ROOTS), s3://bucket/prefix, or a PACS as "
+    "dicomweb://host:port/path (dicomwebs:// for HTTPS; other QIDO keys may follow as ?Key=value)."
+)
+
+
+def with_filters(source: str, since: str | None, until: str | None, modality: str | None) -> str:
+    """``source`` with the --since/--until/--modality of a dicomweb:// crawl in its query string."""
+    if not (since or until or modality):
+        return source
+    from deepcovid.dicomweb import is_dicomweb
+
+    if not is_dicomweb(source):
+        raise fail("--since, --until and --modality filter a dicomweb:// source only", ExitCode.USAGE)
+    from pacs.crawl import parse_source  # the PACS role: only for dicomweb:// sources
+
+    try:
+        return parse_source(source, since=since or "", until=until or "", modalities=modality or "").source
+    except ValueError as exc:
+        raise fail(f"bad dicomweb:// source: {exc}", ExitCode.USAGE) from None
+
+
 ALLOW_UNTRAINED = typer.Option(
     False,
     "--allow-untrained",
@@ -75,9 +105,7 @@ ALLOW_UNTRAINED = typer.Option(
 
 
 def enqueue_command(
-    source: str = typer.Argument(
-        ..., help="A directory (under DEEPCOVID_STORAGE_ROOTS) or s3://bucket/prefix."
-    ),
+    source: str = typer.Argument(..., help=SOURCE_HELP),
     chunk_size: Optional[int] = typer.Option(
         None, "--chunk-size", min=1, help="Images per task message (default DEEPCOVID_CHUNK_SIZE)."
     ),
@@ -93,6 +121,9 @@ def enqueue_command(
         None, "--bundle", help="Registered bundle id (default: the active one)."
     ),
     follow: bool = typer.Option(False, "--follow", help="Then show live progress until the job finishes."),
+    since: Optional[str] = SINCE,
+    until: Optional[str] = UNTIL,
+    modality: Optional[str] = MODALITY,
     allow_untrained: bool = ALLOW_UNTRAINED,
 ) -> None:
     """Queue every image of SOURCE for scoring by the workers, as one job. Re-running resumes."""
@@ -120,7 +151,7 @@ def enqueue_command(
         interruptible("interrupted: what was queued stays queued; run the same command again to resume"),
     ):
         summary = enqueue(
-            source,
+            with_filters(source, since, until, modality),
             bundle_id=bundle,
             chunk_size=chunk_size,
             include=include,
@@ -157,7 +188,9 @@ def enqueue_command(
 
 def screen_command(
     source: Optional[str] = typer.Argument(
-        None, help="A directory of images, one image, or s3://bucket/prefix (left out with --resume)."
+        None,
+        help="A directory of images, one image, s3://bucket/prefix, or a PACS as dicomweb://host:port/path "
+        "(left out with --resume).",
     ),
     bundle: Optional[str] = typer.Option(
         None,
@@ -187,6 +220,9 @@ def screen_command(
         "--allow-failures",
         help="Exit 0 even when some images failed (for pipelines that expect some); they are still reported.",
     ),
+    since: Optional[str] = SINCE,
+    until: Optional[str] = UNTIL,
+    modality: Optional[str] = MODALITY,
     allow_untrained: bool = ALLOW_UNTRAINED,
 ) -> None:
     """Screen SOURCE in this process: no broker, no database server (SQLite in DEEPCOVID_DATA_DIR).
@@ -198,6 +234,9 @@ def screen_command(
     if source is None and resume is None:
         raise fail("say what to screen: deepcovid screen SOURCE (or --resume JOB)", ExitCode.USAGE)
     from producer.screen import screen  # torch: kept out of CLI start-up
+
+    if source is not None:
+        source = with_filters(source, since, until, modality)
 
     updates: dict[str, Any] = {"batch_size": batch_size, "device": device}
     settings = get_settings().model_copy(update={k: v for k, v in updates.items() if v})

@@ -84,7 +84,7 @@ class Image(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     uri: Mapped[str] = mapped_column(sa.Text, unique=True)
-    storage: Mapped[str] = mapped_column(sa.String(8))  # "file" or "s3"
+    storage: Mapped[str] = mapped_column(sa.String(8))  # "file", "s3" or "dicomweb"
     size: Mapped[int | None] = mapped_column(sa.BigInteger)
     mtime: Mapped[datetime | None]
     etag: Mapped[str | None] = mapped_column(sa.String(128))
@@ -179,6 +179,26 @@ class Heatmap(Base):
     error: Mapped[str | None] = mapped_column(sa.String(255))  # why the map failed; the score stands
     geometry: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the crop, to overlay the original
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Publication(Base):
+    """Where one image's DICOM SR report under one bundle was sent (a PACS service root), and how it went.
+
+    Keyed by (image, bundle, destination) like the report's own UIDs, so publishing again updates the row;
+    ``reason`` says why the last attempt failed (never a URI, never patient data)."""
+
+    __tablename__ = "publications"
+
+    image_id: Mapped[int] = mapped_column(
+        BigId, sa.ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
+    )
+    bundle_id: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
+    destination: Mapped[str] = mapped_column(sa.String(255), primary_key=True)  # dicomweb:// service root
+    state: Mapped[str] = mapped_column(sa.String(16))  # deepcovid.status.PublishStatus
+    sop_uid: Mapped[str | None] = mapped_column(sa.String(64))  # the report's SOP Instance UID
+    reason: Mapped[str | None] = mapped_column(sa.String(255))
+    attempts: Mapped[int] = mapped_column(default=0)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class BundleRecord(Base):

@@ -83,6 +83,8 @@ HEATMAP_UPDATES = (*HEATMAP_COLUMNS, "created_at")
 
 
 def storage_kind(uri: str) -> str:
+    if uri.startswith(("dicomweb://", "dicomwebs://")):
+        return "dicomweb"
     return "s3" if uri.startswith("s3://") else "file"
 
 

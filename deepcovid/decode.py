@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from deepcovid.decoded import NEVER_CAUGHT, DecodedImage, ImageInfo, Transform, library_failure
+from deepcovid.eligibility import Eligibility
 from deepcovid.errors import DecodeError
 from deepcovid.formats import PILLOW_FORMATS, is_dicom, sniff
 from deepcovid.limits import DECODING, check_decoded_bytes, check_pixels
@@ -58,8 +59,9 @@ def decode(
     min_side: int | None = None,
     max_decoded_bytes: int | None = None,
     transform: Transform | None = None,
+    eligibility: Eligibility | None = None,
 ) -> DecodedImage:
-    """Decode image bytes; raises only ``DecodeError``.
+    """Decode image bytes; raises only ``DecodeError``. ``eligibility`` applies to DICOMs only.
 
     ``max_pixels`` and ``max_decoded_bytes`` default to the settings of those names. ``min_side`` lets
     JPEG decode at a reduced DCT scale whose shorter side is still at least that long (the fast path of
@@ -75,7 +77,11 @@ def decode(
             from deepcovid.dicom import decode_dicom  # pydicom: a second of import, only once a DICOM comes
 
             return decode_dicom(
-                data, max_pixels=pixel_limit, max_decoded_bytes=byte_limit, transform=transform
+                data,
+                max_pixels=pixel_limit,
+                max_decoded_bytes=byte_limit,
+                transform=transform,
+                eligibility=eligibility,
             )
         return _decode_pil(data, pixel_limit, byte_limit, min_side, name, transform)
     except DecodeError:

@@ -184,3 +184,41 @@ MAX_DECODED_BYTES = 256 * 1024 * 1024
 the budget a process's decode threads share. A 4280 x 3520 16-bit chest radiograph holds 30 MB (60 MB in
 JPEG 2000, whose codec works in 32-bit integers); 8000 x 8000 RGB at 32 bits, 768 MB, is refused. Turning
 the decoded samples into 8-bit pixels adds at most as much again, so decoding holds about 512 MiB at most."""
+
+# -- DICOMweb (a hospital PACS) --------------------------------------------------------------------------
+
+DICOMWEB_MAX_CONNECTIONS = 4
+"""Requests one worker process has in flight to one PACS at a time: a screening run must never flood a
+clinical PACS, and four keep a loopback Orthanc busy."""
+
+DICOMWEB_MAX_ATTEMPTS = 4
+"""Attempts at one WADO-RS request (429, 5xx, timeouts) before the chunk is retried later."""
+
+DICOMWEB_TIMEOUT_S = 30.0
+"""Seconds a PACS may take to connect or to send the next bytes of an answer."""
+
+DICOMWEB_BACKOFF_S = 0.5
+"""Seconds before the first retry of a failed DICOMweb request; it doubles on each further one."""
+
+DICOMWEB_BACKOFF_MAX_S = 30.0
+"""Seconds: the longest a worker waits for one DICOMweb request, whatever a 429's Retry-After asks."""
+
+QIDO_PAGE_SIZE = 500
+"""Results per QIDO-RS page (limit/offset): PACSs cap pages, Orthanc at 1000 by default."""
+
+QIDO_MODALITIES = ("CR", "DX")
+"""The modalities a DICOMweb crawl asks for unless told otherwise: projection radiographs."""
+
+# -- Eligibility -----------------------------------------------------------------------------------------
+
+ELIGIBLE_MODALITIES = ("CR", "DX", "DR", "RG", "OT")
+"""DICOM modalities scored: projection radiographs (DR is non-standard but common; OT is digitised film)."""
+
+ELIGIBLE_BODY_PARTS = ("CHEST", "THORAX", "LUNG", "")
+"""BodyPartExamined values scored ("" lets a radiograph without the attribute through, as many CRs are)."""
+
+INELIGIBLE_VIEWS = ("LL", "RL", "LAT", "LATERAL", "LLD", "RLD")
+"""ViewPosition values not scored: the networks learned frontal (PA/AP) chest views only."""
+
+INELIGIBLE_SERIES_WORDS = ("LAT", "LATERAL", "SCOUT", "LOCALIZER")
+"""Words in SeriesDescription that mark a series as not a frontal chest radiograph."""

@@ -36,6 +36,7 @@ from pydicom.uid import JPEG2000TransferSyntaxes
 from deepcovid.codestream import FrameSize, declared_size
 from deepcovid.decoded import NEVER_CAUGHT, DecodedImage, ImageInfo, Transform, describe
 from deepcovid.dicomfields import DICOM_KEYWORDS
+from deepcovid.eligibility import Eligibility
 from deepcovid.errors import DecodeError
 from deepcovid.limits import DECODING, check_decoded_bytes, check_pixels
 from deepcovid.pixels import row_bands, scale_rows_to_uint8, scale_to_uint8
@@ -58,11 +59,17 @@ _J2K_BYTES_PER_SAMPLE = 4
 
 
 def decode_dicom(
-    data: bytes, *, max_pixels: int, max_decoded_bytes: int, transform: Transform | None = None
+    data: bytes,
+    *,
+    max_pixels: int,
+    max_decoded_bytes: int,
+    transform: Transform | None = None,
+    eligibility: Eligibility | None = None,
 ) -> DecodedImage:
     """Decode a DICOM Part 10 file; raises ``DecodeError`` for what this screener refuses or cannot read.
 
-    ``transform`` runs on the pixels while their bytes are still held against the decode budget.
+    ``transform`` runs on the pixels while their bytes are still held against the decode budget;
+    ``eligibility`` rules are checked on the header first (``not_eligible``).
     """
     # Value-validation warnings could quote element values (patient names among them).
     config.settings.reading_validation_mode = config.IGNORE
@@ -70,6 +77,8 @@ def decode_dicom(
         ds = dcmread(io.BytesIO(data), force=False)
     except (EOFError, struct.error) as exc:
         raise DecodeError("truncated", f"DICOM header ends early: {describe(exc)}") from exc
+    if eligibility is not None:
+        eligibility.check(lambda keyword: _text(ds, keyword))
 
     if "PixelData" not in ds:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
@@ -234,6 +243,17 @@ def _integer_pixels_to_uint8(arr: np.ndarray, ds: Any) -> np.ndarray:
     for rows in bands:
         out[rows] = lut[indices[rows]]
     return out
+
+
+def _text(ds: Any, keyword: str) -> str:
+    """An attribute as text ("" when absent or unreadable); multiple values joined by backslashes."""
+    try:
+        value = ds.get(keyword)
+    except Exception:
+        return ""
+    if value is None:
+        return ""
+    return "\\".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
 
 
 def _audit(ds: Any) -> dict[str, str]:

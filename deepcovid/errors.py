@@ -15,6 +15,7 @@ REASONS: dict[str, str] = {
     "not_an_image": "the bytes are not a supported image format",
     "too_large": "the image or file exceeds the configured size limits",
     "unsupported_image": "an image format or mode this screener does not handle (e.g. animated)",
+    "not_eligible": "a DICOM the eligibility rules leave out (lateral view, not the chest, not a radiograph)",
     "unsupported_dicom": "a DICOM this screener refuses (multi-frame, no pixels, not a projection X-ray)",
     "corrupt": "the image data is damaged and cannot be decoded",
     "unreadable": "the file could not be read",

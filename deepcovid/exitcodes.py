@@ -25,6 +25,7 @@ class ExitCode(IntEnum):
     NO_IMAGES = 19
     STALLED = 20
     DATA_DIR_NOT_WRITABLE = 21
+    PACS_UNREACHABLE = 24
     INTERRUPTED = 130
 
     @property
@@ -52,6 +53,8 @@ _MEANINGS: dict[ExitCode, str] = {
     ExitCode.STALLED: "`status --check`: the job is stalled; recover with `deepcovid requeue JOB --queued`",
     ExitCode.DATA_DIR_NOT_WRITABLE: "a command that writes: the data directory, the bundles directory or the "
     "SQLite file cannot be created or is not writable",
+    ExitCode.PACS_UNREACHABLE: "a DICOMweb PACS did not answer, or refused the request (`enqueue`, `screen`, "
+    "`publish`)",
     ExitCode.INTERRUPTED: "interrupted; what was done is kept, run the same command again to resume",
 }
 

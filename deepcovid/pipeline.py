@@ -20,6 +20,7 @@ import numpy as np
 
 from deepcovid.defaults import DECODE_WINDOW_BATCHES
 from deepcovid.devices import batch_size_for
+from deepcovid.eligibility import Eligibility
 from deepcovid.errors import ImageError, TransientError
 from deepcovid.preprocess import load_image
 from deepcovid.results import ImageResult
@@ -63,7 +64,11 @@ def _name_of(uri: str) -> str:
 
 
 def _prepare(
-    storage: Storage, uri: str, settings: Settings, propagate: tuple[type[BaseException], ...]
+    storage: Storage,
+    uri: str,
+    settings: Settings,
+    propagate: tuple[type[BaseException], ...],
+    eligibility: Eligibility | None,
 ) -> Any:
     size: int | None = None
     try:
@@ -74,6 +79,7 @@ def _prepare(
             name=_name_of(uri),
             max_pixels=settings.max_image_pixels,
             max_decoded_bytes=settings.max_decoded_bytes,
+            eligibility=eligibility,
         )
         return _Prepared(pixels=pixels, info=info.as_dict(), size=size)
     except ImageError as exc:
@@ -167,6 +173,7 @@ def score_chunk(
     maps = None
     if artifacts is not None and settings.heatmaps != HeatmapMode.none:
         maps = _Maps(settings.heatmaps, artifacts)
+    eligibility = Eligibility.from_settings(settings)
     batch_size = batch_size_for(settings, ensemble.device)
     threads = max(1, min(settings.decode_threads, len(uris)))
 
@@ -183,7 +190,8 @@ def score_chunk(
         def submit_up_to_window() -> None:
             nonlocal next_uri
             while next_uri < len(uris) and len(in_flight) + len(pending) < window:
-                in_flight[pool.submit(_prepare, storage, uris[next_uri], settings, propagate)] = next_uri
+                future = pool.submit(_prepare, storage, uris[next_uri], settings, propagate, eligibility)
+                in_flight[future] = next_uri
                 next_uri += 1
 
         def flush() -> None:

@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from deepcovid.decode import ImageInfo, decode
+from deepcovid.eligibility import Eligibility
 
 INPUT_SIZE = 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -55,7 +56,12 @@ def to_model_input(pixels: np.ndarray, *, reducing_gap: float | None = None) -> 
 
 
 def load_image(
-    data: bytes, *, name: str = "", max_pixels: int | None = None, max_decoded_bytes: int | None = None
+    data: bytes,
+    *,
+    name: str = "",
+    max_pixels: int | None = None,
+    max_decoded_bytes: int | None = None,
+    eligibility: Eligibility | None = None,
 ) -> tuple[np.ndarray, ImageInfo]:
     """Decode and preprocess in one go (the pipeline's path); raises only ``DecodeError``.
 
@@ -70,6 +76,7 @@ def load_image(
         min_side=2 * INPUT_SIZE,
         max_decoded_bytes=max_decoded_bytes,
         transform=_model_input,
+        eligibility=eligibility,
     )
     return decoded.pixels, decoded.info
 

@@ -62,6 +62,37 @@ class Settings(BaseSettings):
     # Read files with several hard links: a link to a file outside the roots cannot be told apart by path.
     allow_hard_links: bool = False
 
+    # DICOMweb PACSs workers may read (comma separated ``dicomweb[s]://host:port/path`` service roots).
+    dicomweb_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Requests in flight to one PACS from one worker process.
+    dicomweb_max_connections: int = Field(default=defaults.DICOMWEB_MAX_CONNECTIONS, ge=1)
+    dicomweb_max_attempts: int = Field(default=defaults.DICOMWEB_MAX_ATTEMPTS, ge=1)
+    dicomweb_timeout: float = Field(default=defaults.DICOMWEB_TIMEOUT_S, gt=0)
+    # Authentication: HTTP basic (username + password) or a bearer token; client TLS certificate and key.
+    dicomweb_username: str | None = None
+    dicomweb_password: SecretStr | None = None
+    dicomweb_token: SecretStr | None = None
+    dicomweb_client_cert: Path | None = None
+    dicomweb_client_key: Path | None = None
+    dicomweb_ca_bundle: Path | None = None  # CA certificates for dicomwebs:// (default: the system's)
+    # Where each chunk's DICOM SR reports are sent (STOW-RS) once scored; empty: `deepcovid publish` only.
+    publish_to: str | None = None
+
+    # Eligibility of DICOM images (any source), checked before their pixels are decoded. Comma separated.
+    eligibility: bool = True  # false: every projection radiograph is scored
+    eligible_modalities: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(defaults.ELIGIBLE_MODALITIES)
+    )
+    eligible_body_parts: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(defaults.ELIGIBLE_BODY_PARTS)
+    )
+    ineligible_views: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(defaults.INELIGIBLE_VIEWS)
+    )
+    ineligible_series_words: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(defaults.INELIGIBLE_SERIES_WORDS)
+    )
+
     # Scoring
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     batch_size: int = 0  # images per forward pass; 0: defaults.CPU_BATCH_SIZE or CUDA_BATCH_SIZE
@@ -134,11 +165,27 @@ class Settings(BaseSettings):
             raise ValueError("expected auto, cpu, cuda or cuda:N")
         return word
 
-    @field_validator("storage_roots", "s3_allow", mode="before")
+    @field_validator("storage_roots", "s3_allow", "dicomweb_allow", mode="before")
     @classmethod
     def _split_roots(cls, value: object) -> object:
         if isinstance(value, str):
             return [p for p in (part.strip() for part in value.split(",")) if p]
+        return value
+
+    @field_validator(
+        "eligible_modalities",
+        "eligible_body_parts",
+        "ineligible_views",
+        "ineligible_series_words",
+        mode="before",
+    )
+    @classmethod
+    def _split_words(cls, value: object) -> object:
+        """Comma separated, upper-cased; an empty entry (``CHEST,,``) stands for a missing attribute."""
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, (list, tuple)):
+            return list(dict.fromkeys(str(v).strip().upper() for v in value))
         return value
 
     @property
@@ -171,7 +218,7 @@ class Settings(BaseSettings):
                 value = self.effective_database_url
             if isinstance(value, SecretStr):
                 value = value.get_secret_value()
-                if name.startswith("s3_") or name == "secret_key":
+                if name.startswith(("s3_", "dicomweb_")) or name == "secret_key":
                     value = "***" if value else ""
             if isinstance(value, list):
                 value = ",".join(str(v) for v in value)

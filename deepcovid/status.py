@@ -72,3 +72,11 @@ class ReviewState(str, Enum):
     unreviewed = "unreviewed"
     reviewed = "reviewed"
     disputed = "disputed"
+
+
+class PublishStatus(str, Enum):
+    """Where an image's DICOM SR report stands with one destination PACS."""
+
+    published = "published"  # the PACS stored it (again, if it was sent before: same UIDs)
+    failed = "failed"  # the last attempt failed; `deepcovid publish` sends it again
+    skipped = "skipped"  # no report can be made: the source is not a DICOM

@@ -1,4 +1,5 @@
-"""Reading image bytes from local files (only beneath configured roots) or from S3 (only where allowed).
+"""Reading image bytes from local files (only beneath configured roots), S3 or a DICOMweb PACS (only
+where allowed).
 
 Workers are handed URIs by whoever can reach the broker, so a URI must not be a way to read arbitrary
 files on a worker: a local path is opened beneath its root by the kernel, following no symlink
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deepcovid.beneath import open_beneath
+from deepcovid.dicomweb import DicomWebReader, is_dicomweb
 from deepcovid.errors import StorageError, TransientError
 
 if TYPE_CHECKING:
@@ -135,7 +137,8 @@ def _components(path: str) -> tuple[str, ...]:
 
 
 class Storage:
-    """Reads bytes for a URI: an absolute local path under a storage root, or ``s3://bucket/key``."""
+    """Reads bytes for a URI: an absolute local path under a storage root, ``s3://bucket/key``, or a
+    ``dicomweb://`` instance of a PACS DEEPCOVID_DICOMWEB_ALLOW lists."""
 
     def __init__(self, settings: Settings, extra_roots: Iterable[Path | str] = ()) -> None:
         self.settings = settings
@@ -155,6 +158,7 @@ class Storage:
         self._client: Any = None
         self._client_pid: int | None = None
         self._client_lock = threading.Lock()
+        self.dicomweb = DicomWebReader(settings)
 
     # -- public -----------------------------------------------------------------------------
 
@@ -162,6 +166,8 @@ class Storage:
         """The object's bytes; raises StorageError (the image's fault) or TransientError (retry)."""
         if uri.startswith(S3_SCHEME):
             return self._read_s3(uri)
+        if is_dicomweb(uri):
+            return self.dicomweb.read(uri, self.max_file_bytes)
         return self._read_local(uri)
 
     def stat(self, uri: str) -> int:
@@ -173,6 +179,8 @@ class Storage:
             except Exception as exc:
                 raise _s3_error(exc) from exc
             return int(head["ContentLength"])
+        if is_dicomweb(uri):  # WADO-RS has no HEAD for an instance's size
+            return len(self.dicomweb.read(uri, self.max_file_bytes))
         fd, st = self._open_local(uri)
         os.close(fd)
         return st.st_size

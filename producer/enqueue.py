@@ -24,7 +24,7 @@ from deepcovid.defaults import REGISTER_BATCH
 from deepcovid.queue import make_celery, send_chunk
 from deepcovid.settings import Settings, get_settings
 from deepcovid.untrained import is_untrained
-from producer.listing import Include, first_batch, list_source, parse_include
+from producer.listing import Include, first_batch, list_source, parse_include, registered
 from producer.preflight import check_broker, check_source, resolve_bundle_id
 
 
@@ -135,6 +135,7 @@ def enqueue(
     for batch in batches:
         summary.listed += len(batch)
         pending.extend(register_images(engine, job_id, bundle_id, batch, rescore=rescore))
+        registered(refs, summary.listed)
         while len(pending) >= chunk_size:
             chunk, pending = pending[:chunk_size], pending[chunk_size:]
             send_chunk(app, job_id, bundle_id, chunk)
@@ -148,6 +149,7 @@ def enqueue(
         summary.queued += len(pending)
         summary.chunks += 1
     summary.skipped = summary.listed - summary.queued
+    registered(refs, summary.listed)
     if summary.queued == 0:
         finish_job_if_done(engine, job_id)  # nothing will ever arrive to finish it
     if on_progress is not None:

@@ -1,4 +1,4 @@
-"""List the images of an archive (a local directory or an S3 prefix) as a stream of ``ImageRef``.
+"""List the images of an archive (a local directory, an S3 prefix or a PACS) as a stream of ``ImageRef``.
 
 Archives hold millions of files, so nothing here builds a list: the local walk keeps one directory's
 entries at a time and S3 is read page by page. Every regular, non-hidden file is accounted for: what is
@@ -11,13 +11,14 @@ import itertools
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
 from db.rows import ImageRef
+from deepcovid.dicomweb import is_dicomweb
 from deepcovid.errors import UserError
 from deepcovid.exitcodes import ExitCode
 from deepcovid.formats import ARCHIVE_SUFFIXES, SNIFF_BYTES, looks_like_archive_image
@@ -260,14 +261,27 @@ def list_source(
     on_error: Callable[[str, OSError], None] | None = None,
     not_listed: Counter[str] | None = None,
 ) -> Iterator[ImageRef]:
-    """Stream the images of ``source``: an ``s3://bucket/prefix`` URI, a local directory, or one local
-    file (listed whatever its name: it was named on purpose)."""
+    """Stream the images of ``source``: an ``s3://bucket/prefix`` URI, a ``dicomweb://`` PACS (a
+    ``pacs.crawl.Crawl``: tell it with ``registered`` what was registered), a local directory, or one
+    local file (listed whatever its name: it was named on purpose)."""
+    if is_dicomweb(source):
+        from pacs.crawl import Crawl  # the PACS role: only for dicomweb:// sources
+
+        return Crawl(source, settings or get_settings())
     if source.startswith("s3://"):
         bucket, prefix = parse_s3_source(source)
         return walk_s3(bucket, prefix, include, settings=settings, not_listed=not_listed)
     if os.path.isfile(source):
         return _single_file(source)
     return walk_local(Path(source), include, on_error=on_error, not_listed=not_listed)
+
+
+def registered(refs: Iterable[ImageRef], count: int) -> None:
+    """Tell a listing that keeps a checkpoint (a PACS crawl) that its first ``count`` images are
+    registered; other listings start again from the top and keep nothing."""
+    mark = getattr(refs, "registered", None)
+    if mark is not None:
+        mark(count)
 
 
 def _single_file(path: str) -> Iterator[ImageRef]:

@@ -23,7 +23,8 @@ from celery import Celery
 from sqlalchemy.engine import Engine
 
 from db.registry import UnknownBundle, active_bundle, get_bundle
-from deepcovid.errors import UserError
+from deepcovid.dicomweb import dicomweb_allowed, is_dicomweb
+from deepcovid.errors import ImageError, TransientError, UserError
 from deepcovid.exitcodes import ExitCode
 from deepcovid.settings import Settings, mask_url
 from deepcovid.storage import s3_allowed, s3_client
@@ -116,8 +117,32 @@ def check_s3_source(source: str, settings: Settings, client: Any = None) -> tupl
     return bucket, prefix
 
 
+def check_dicomweb_source(source: str, settings: Settings) -> str:
+    """The canonical ``dicomweb://`` source (its filters in a fixed order), once its PACS answers a search
+    and DEEPCOVID_DICOMWEB_ALLOW lets workers read from it."""
+    from pacs.crawl import Crawler, parse_source
+
+    try:
+        query = parse_source(source)
+    except ValueError as exc:
+        raise UserError(ExitCode.USAGE, f"bad dicomweb:// source: {exc}") from None
+    if not dicomweb_allowed(settings, query.location):
+        raise UserError(
+            ExitCode.OUTSIDE_STORAGE_ROOTS,
+            f"DEEPCOVID_DICOMWEB_ALLOW does not list {query.location.root}, so workers would refuse every "
+            "instance. Add it (on the workers too).",
+        )
+    try:
+        next(Crawler(settings, query, page_size=1).pages("/studies", {}), None)
+    except (ImageError, TransientError) as exc:
+        raise UserError(ExitCode.PACS_UNREACHABLE, f"the PACS at {query.location.root}: {exc}") from None
+    return query.source
+
+
 def check_source(source: str, settings: Settings, extra_roots: Iterable[Path] = ()) -> str:
     """The canonical form of ``source`` (an S3 URI as given, a local directory resolved), once usable."""
+    if is_dicomweb(source):
+        return check_dicomweb_source(source, settings)
     if source.startswith("s3://"):
         check_s3_source(source, settings)
         return source

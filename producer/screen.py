@@ -39,6 +39,7 @@ from deepcovid.artifacts import open_artifacts
 from deepcovid.bundle import Bundle, BundleError, find_bundle, install_bundle, load_bundle
 from deepcovid.chunking import batched
 from deepcovid.defaults import REGISTER_BATCH, TOP_FLAGGED
+from deepcovid.dicomweb import is_dicomweb
 from deepcovid.ensemble import Ensemble
 from deepcovid.errors import UserError
 from deepcovid.exitcodes import ExitCode
@@ -46,9 +47,9 @@ from deepcovid.pipeline import score_chunk
 from deepcovid.results import ImageResult
 from deepcovid.settings import Settings, get_settings
 from deepcovid.status import JobStatus
-from deepcovid.storage import open_storage
+from deepcovid.storage import Storage, open_storage
 from deepcovid.untrained import is_untrained
-from producer.listing import Include, first_batch, list_source, parse_include
+from producer.listing import Include, first_batch, list_source, parse_include, registered
 from producer.preflight import NO_BUNDLE_HELP, check_source
 
 SCREEN_NO_BUNDLE_HELP = (
@@ -192,10 +193,15 @@ def screen(
     assert source is not None
     if not isinstance(include, Include):
         include = parse_include(include)
+    if is_dicomweb(source):
+        # A PACS screened here is readable by this process whatever DEEPCOVID_DICOMWEB_ALLOW says.
+        root = source.partition("?")[0]
+        settings = settings.model_copy(update={"dicomweb_allow": [*settings.dicomweb_allow, root]})
     # A local directory screened here is readable by this process whatever the storage roots say.
     canonical = check_source(source, settings, extra_roots=[Path(source).expanduser()])
     local = Path(canonical)
-    extra_roots = () if canonical.startswith("s3://") else (local if local.is_dir() else local.parent,)
+    remote = canonical.startswith("s3://") or is_dicomweb(canonical)
+    extra_roots = () if remote else (local if local.is_dir() else local.parent,)
 
     # Before any job exists: an artifact store inside the archive is refused with one line.
     artifacts = open_artifacts(settings, extra_roots=extra_roots)
@@ -222,7 +228,7 @@ def screen(
     def unreadable(path: str, exc: OSError) -> None:
         summary.unreadable.append(path)
 
-    refs = list_source(
+    listing = refs = list_source(
         canonical, include, settings=settings, on_error=unreadable, not_listed=summary.not_listed
     )
     if limit:
@@ -239,7 +245,7 @@ def screen(
     storage = open_storage(settings, extra_roots=extra_roots)
     try:
         with _sigterm_interrupts(), tempfile.TemporaryFile("w+", encoding="utf-8") as spool:
-            _register(engine, summary, batches, spool, rescore=rescore, on_listed=on_listed)
+            _register(engine, summary, batches, spool, rescore=rescore, on_listed=on_listed, listing=listing)
             if on_start is not None:
                 on_start(summary)
             for chunk in _read_spool(spool, settings.chunk_size):
@@ -260,6 +266,8 @@ def screen(
                     device=summary.device,
                 )
                 _tally(summary, results)
+                if settings.publish_to:
+                    _publish(engine, job_id, chunk, settings, storage)
                 if on_chunk is not None:
                     on_chunk(summary)
     except KeyboardInterrupt:
@@ -272,6 +280,16 @@ def screen(
         finish_job_if_done(engine, job_id)
     _read_flagged(engine, summary)
     return summary
+
+
+def _publish(engine: Engine, job_id: int, uris: list[str], settings: Settings, storage: Storage) -> None:
+    """DEEPCOVID_PUBLISH_TO: the chunk's reports go to the PACS now; failures are recorded per image and
+    never stop the screening (`deepcovid publish JOB` sends them again)."""
+    from pacs.publish import Publisher, publish_job  # highdicom: only where publishing is configured
+
+    publish_job(
+        engine, job_id, settings.publish_to or "", settings, uris=uris, publisher=Publisher(settings, storage)
+    )
 
 
 def resume_hint(job_id: int) -> str:
@@ -317,6 +335,7 @@ def _register(
     *,
     rescore: bool,
     on_listed: Callable[[ScreenSummary], None] | None,
+    listing: Any = None,
 ) -> None:
     """Make the listed images members of the job; those to score go to the spool file."""
     for batch in batches:
@@ -324,6 +343,7 @@ def _register(
         uris = register_images(engine, summary.job_id, summary.bundle_id, batch, rescore=rescore)
         summary.to_score += len(uris)
         _spool(uris, spool)
+        registered(listing, summary.listed)
         if on_listed is not None:
             on_listed(summary)
     summary.skipped = summary.listed - summary.to_score

@@ -18,4 +18,5 @@ pytest_plugins = [
     "tests.fixtures.databases",
     "tests.fixtures.services",
     "tests.fixtures.faults",
+    "tests.fixtures.orthanc",
 ]

@@ -7,8 +7,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("deepcovid", "db", "producer", "worker", "training", "cli", "review")
-ROLES = ("db", "producer", "worker", "training", "cli", "review")
+PACKAGES = ("deepcovid", "db", "producer", "worker", "training", "cli", "review", "pacs")
+ROLES = ("db", "producer", "worker", "training", "cli", "review", "pacs")
 MAX_LINES = 500
 
 

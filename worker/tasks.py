@@ -248,8 +248,31 @@ def run_chunk(
         log.error("job %d: the chunk stopped on an unexpected %s", job_id, type(exc).__name__)
         log.debug("the chunk's unexpected error", exc_info=True)  # DEBUG: the traceback may name files
         _give_back(chunk, todo, "internal_error", resend)
+    if settings.publish_to:
+        _publish(engine, job_id, todo, settings, storage)
     finish_job_if_done(engine, job_id)
     return chunk.summary
+
+
+def _publish(engine: Engine, job_id: int, uris: list[str], settings: Settings, storage: Storage) -> None:
+    """DEEPCOVID_PUBLISH_TO: the chunk's reports go to the PACS as soon as they are scored. Each image's
+    publish state is recorded; a failure never fails the chunk (`deepcovid publish JOB` sends again)."""
+    from pacs.publish import Publisher, publish_job  # highdicom: only where publishing is configured
+
+    try:
+        summary = publish_job(
+            engine,
+            job_id,
+            settings.publish_to or "",
+            settings,
+            uris=uris,
+            publisher=Publisher(settings, storage),
+        )
+    except Exception as exc:
+        log.warning("job %d: the chunk's reports were not published (%s)", job_id, type(exc).__name__)
+        log.debug("why the chunk's reports were not published", exc_info=True)  # DEBUG: may name files
+        return
+    log.info("job %d: %d reports published, %d failed", job_id, summary.published, summary.failed)
 
 
 def _score_isolated(chunk: _Chunk, todo: list[str], redelivered: bool, score: Any) -> None:

@@ -57,7 +57,7 @@ def test_downgrade_asks_first(tmp_path: Path) -> None:
     assert refused.exit_code == 2 and "nothing changed" in refused.stderr
     assert runner.invoke(app, ["db", "current"]).exit_code == 0  # still at head
     done = runner.invoke(app, ["db", "downgrade", "--yes", "--", "-1"])
-    assert done.exit_code == 0 and "at revision 0003" in done.stdout  # one below 0004, the head
+    assert done.exit_code == 0 and "at revision 0004" in done.stdout  # one below the head
 
 
 def test_bundle_list(tiny_bundle_path: Path) -> None:

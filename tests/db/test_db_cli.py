@@ -41,11 +41,11 @@ def test_current_upgrade_downgrade(cli: typer.Typer, empty_database_url: str) ->
 
     result = runner.invoke(cli, ["db", "downgrade", "--yes", "--url", empty_database_url, "--", "-1"])
     assert result.exit_code == 0, result.output
-    assert current(empty_database_url).current == ("0003",)  # one below the head, 0004
+    assert current(empty_database_url).current == ("0004",)  # one below the head
 
-    result = runner.invoke(cli, ["db", "upgrade", "--revision", "0003", "--url", empty_database_url])
+    result = runner.invoke(cli, ["db", "upgrade", "--revision", "0005", "--url", empty_database_url])
     assert result.exit_code == 0, result.output
-    assert current(empty_database_url).current == ("0003",)
+    assert current(empty_database_url).current == ("0005",)
 
 
 def test_upgrade_uses_settings(cli: typer.Typer, sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,7 +13,15 @@ from db.models import Base
 from db.schema import SchemaNotCurrent, ensure_schema_current
 
 REVIEW_TABLES = {"users", "reviews", "image_reviews", "audit_log"}
-TABLES = {"scan_jobs", "images", "job_images", "predictions", "heatmaps", "bundles"} | REVIEW_TABLES
+TABLES = {
+    "scan_jobs",
+    "images",
+    "job_images",
+    "predictions",
+    "heatmaps",
+    "bundles",
+    "publications",
+} | REVIEW_TABLES
 
 
 def _tables(url: str) -> set[str]:
@@ -34,14 +42,14 @@ def test_upgrade_from_empty_matches_models(empty_database_url: str) -> None:
 def test_downgrade_to_base_and_upgrade_again(empty_database_url: str) -> None:
     upgrade(empty_database_url)
     downgrade(empty_database_url, "0003")
-    assert _tables(empty_database_url) == TABLES - REVIEW_TABLES
+    assert _tables(empty_database_url) == TABLES - REVIEW_TABLES - {"publications"}
     assert "study_date" not in {
         c["name"] for c in sa.inspect(make_engine(empty_database_url)).get_columns("images")
     }
     downgrade(empty_database_url, "0002")
-    assert _tables(empty_database_url) == TABLES - REVIEW_TABLES - {"heatmaps"}
+    assert _tables(empty_database_url) == TABLES - REVIEW_TABLES - {"heatmaps", "publications"}
     downgrade(empty_database_url, "0001")
-    assert _tables(empty_database_url) == TABLES - REVIEW_TABLES - {"heatmaps", "job_images"}
+    assert _tables(empty_database_url) == TABLES - REVIEW_TABLES - {"heatmaps", "job_images", "publications"}
     downgrade(empty_database_url, "base")
     assert _tables(empty_database_url) == set()
     assert current(empty_database_url).current == ()
