@@ -242,6 +242,10 @@ def hold_out_group(samples: Sequence[Sample], where: str) -> tuple[list[Sample],
         raise DataError(f"--test-where: no row has {column} = {value!r} (values: {', '.join(values[:20])})")
     patients = {s.patient_id for s in held if s.patient_id}
     rest = [s for s in samples if s.column(column) != value and s.patient_id not in patients]
+    if not rest:
+        raise DataError(
+            f"--test-where: every patient has an image with {column} = {value!r}: nothing to train on"
+        )
     dropped = len(samples) - len(held) - len(rest)
     if dropped:
         log.info("--test-where: %d image(s) of held-out patients outside the group left out too", dropped)

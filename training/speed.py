@@ -32,8 +32,9 @@ def training_dtype(device: torch.device, precision: str, amp: bool = True) -> to
 
 def loader_workers(configured: int | None, device: torch.device) -> int:
     """DataLoader processes: the configured count, else on CUDA one per core up to 8 (augmenting must
-    keep the GPU fed), on CPU none: augmenting a cached uint8 crop costs ~1 ms, a training step 100
-    times more, so a worker would only take a core from the compute threads."""
+    keep the GPU fed), on CPU none: the per-image work left (a random crop of the cached uint8 image)
+    costs about a millisecond, a training step per image tens of times more, so a worker would only take
+    a core from the compute threads (the rest of the augmentation runs per batch in the step)."""
     if configured is not None:
         return configured
     if device.type == "cuda":

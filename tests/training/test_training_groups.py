@@ -13,14 +13,16 @@ from training.args import TrainArgs
 
 
 def _csv_with_sites(folder: Path, *, patients: bool = False) -> Path:
-    """labels.csv over a labelled folder, alternating images between sites A and B."""
+    """labels.csv over a labelled folder, alternating images between sites A and B (with ``patients``,
+    two images per patient, both at one site)."""
     path = folder / "labels.csv"
     rows = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["filename", "label", "site", "patient_id"])
         for i, name in enumerate(rows):
-            writer.writerow([name, name.split("/")[0], "AB"[i % 2], f"p{i // 2 if patients else i}"])
+            site = "AB"[(i // 2) % 2 if patients else i % 2]
+            writer.writerow([name, name.split("/")[0], site, f"p{i // 2 if patients else i}"])
     return path
 
 
