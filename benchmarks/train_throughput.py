@@ -11,11 +11,15 @@ large archive files), from the files to updated weights:
   ``deepcovid train`` runs there by default, while its per-epoch validation check allows.
 
 All three use channels_last (the old path already did), ``train_one_epoch`` from training.train and one
-warm-up step that is not timed (oneDNN builds its kernels on the first). The machine may be shared: only
-ratios within one run mean anything. Last line: ``speed-up: N.Nx``, the smallest per-network ratio of the
-new path (bf16 where the CPU has it, else cached fp32) to the old one.
+warm-up step that is not timed (oneDNN builds its kernels on the first). The paths run interleaved
+(old, fp32, bf16, old, ...; medians), and the data preparation (decode, or a warm cache read) is timed
+the same way once and added to each epoch. Two ratios per network: by wall time, and by this process's
+CPU time, which is steadier on a shared machine (and conservative: decoding runs on one core, so wall
+time would credit the cache with more). Only ratios within one run mean anything. Last line:
+``speed-up: N.Nx``, the smallest per-network ratio (the smaller of the two) of the new path (bf16 where
+the CPU has it, else cached fp32) to the old one.
 
-    .venv/bin/python benchmarks/train_throughput.py [--images 48] [--batch-size 16] [--arch resnet18 ...]
+    .venv/bin/python benchmarks/train_throughput.py [--images 16] [--batch-size 8] [--repeats 2] [--arch ...]
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import io
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,7 +39,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe  # noqa: E402
+from machine import describe, interleaved, median  # noqa: E402
 
 from deepcovid import defaults  # noqa: E402
 from deepcovid.cpu import cpu_has_native_bf16  # noqa: E402
@@ -71,60 +76,105 @@ def old_augmentation() -> Augmentation:
     return Augmentation(crop=per_image, batch=None)
 
 
-def epoch_seconds(
-    arch: str, data: DecodedSet, augmentation: Augmentation, dtype: torch.dtype | None, batch: int
-) -> float:
-    """Seconds for one epoch of training steps over ``data`` (after one untimed warm-up step)."""
-    torch.manual_seed(0)
-    model = build_network(arch, "none").to(memory_format=torch.channels_last).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    dataset = CachedImages(data, crop=augmentation.crop)
-    cpu, criterion = torch.device("cpu"), nn.CrossEntropyLoss()
-    warmup = DataLoader(torch.utils.data.Subset(dataset, range(batch)), batch_size=batch)
-    train_one_epoch(model, criterion, optimizer, warmup, cpu, dtype=dtype, augment=augmentation.batch)
-    loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True)
-    started = time.perf_counter()
-    train_one_epoch(model, criterion, optimizer, loader, cpu, dtype=dtype, augment=augmentation.batch)
-    return time.perf_counter() - started
+class TrainingPath:
+    """One training path for one network: its own model, optimizer and data; ``epoch`` runs one timed
+    epoch (the first call also runs one untimed warm-up step: oneDNN builds its kernels there)."""
+
+    def __init__(
+        self, arch: str, data: DecodedSet, augmentation: Augmentation, dtype: torch.dtype | None, batch: int
+    ) -> None:
+        torch.manual_seed(0)
+        self.model = build_network(arch, "none").to(memory_format=torch.channels_last).train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.dataset = CachedImages(data, crop=augmentation.crop)
+        self.augment, self.dtype, self.batch = augmentation.batch, dtype, batch
+        self._run(DataLoader(torch.utils.data.Subset(self.dataset, range(batch)), batch_size=batch))
+
+    def _run(self, loader: DataLoader) -> None:
+        cpu, criterion = torch.device("cpu"), nn.CrossEntropyLoss()
+        train_one_epoch(
+            self.model, criterion, self.optimizer, loader, cpu, dtype=self.dtype, augment=self.augment
+        )
+
+    def epoch(self) -> float:
+        started = time.perf_counter()
+        self._run(DataLoader(self.dataset, batch_size=self.batch, shuffle=True, drop_last=True))
+        return time.perf_counter() - started
+
+
+def timed(run: Callable[[], object]) -> Callable[[], float]:
+    def seconds() -> float:
+        started = time.perf_counter()
+        run()
+        return time.perf_counter() - started
+
+    return seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=48)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--arch", action="append", choices=ARCHITECTURES)
     args = parser.parse_args()
-    archs = args.arch or list(ARCHITECTURES)
+    archs = args.arch or ["squeezenet1_1", "resnet18", "resnet50", "densenet121"]
     images = args.images - args.images % args.batch_size
     bf16 = cpu_has_native_bf16()
     print(describe("cpu"))
-    print(f"{images} synthetic {SIDE}x{SIDE} PNGs, batch {args.batch_size}, one epoch per path; bf16: {bf16}")
+    print(
+        f"{images} synthetic {SIDE}x{SIDE} PNGs, batch {args.batch_size}, "
+        f"{args.repeats} interleaved rounds of one epoch per path; bf16: {bf16}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         samples = write_images(Path(tmp) / "images", images)
         cache = Path(tmp) / "cache"
         cached_samples(samples, side=defaults.TRAIN_CACHE_SIDE, root=cache)  # a previous run filled it
-        print(f"{'network':<14} {'old img/s':>10} {'cached fp32':>12} {'cached bf16':>12} {'new/old':>8}")
+        old_data = decode_samples(samples)
+        new_data = cached_samples(samples, side=defaults.TRAIN_CACHE_SIDE, root=cache)
+        cpu: dict[str, list[float]] = {}
+        prep = interleaved(
+            {
+                "decode": timed(lambda: decode_samples(samples)),
+                "cache": timed(lambda: cached_samples(samples, side=defaults.TRAIN_CACHE_SIDE, root=cache)),
+            },
+            args.repeats,
+            cpu_seconds=cpu,
+        )
+        wall_prep = {"old": median(prep["decode"]), "new": median(prep["cache"])}
+        cpu_prep = {"old": median(cpu["decode"]), "new": median(cpu["cache"])}
+        print(
+            f"data per run: decode {wall_prep['old']:.2f} s, warm cache {wall_prep['new']:.2f} s "
+            f"(CPU {cpu_prep['old']:.2f} s / {cpu_prep['new']:.2f} s)"
+        )
+        print(
+            f"{'network':<14} {'old img/s':>10} {'cached fp32':>12} {'cached bf16':>12} "
+            f"{'new/old wall':>13} {'new/old CPU':>12}"
+        )
         ratios, new = [], make_augmentation("cxr")
         for arch in archs:
-            started = time.perf_counter()
-            old_data = decode_samples(samples)
-            old = images / (
-                time.perf_counter()
-                - started
-                + epoch_seconds(arch, old_data, old_augmentation(), None, args.batch_size)
+            paths = {
+                "old": TrainingPath(arch, old_data, old_augmentation(), None, args.batch_size),
+                "fp32": TrainingPath(arch, new_data, new, None, args.batch_size),
+            }
+            if bf16:
+                paths["bf16"] = TrainingPath(arch, new_data, new, torch.bfloat16, args.batch_size)
+            cpu = {}
+            wall = interleaved({name: p.epoch for name, p in paths.items()}, args.repeats, cpu_seconds=cpu)
+
+            def rate(name: str, seconds: dict[str, list[float]], prep: dict[str, float]) -> float:
+                return images / (prep["old" if name == "old" else "new"] + median(seconds[name]))
+
+            fast = "bf16" if bf16 else "fp32"
+            wall_ratio = rate(fast, wall, wall_prep) / rate("old", wall, wall_prep)
+            cpu_ratio = rate(fast, cpu, cpu_prep) / rate("old", cpu, cpu_prep)
+            ratios.append(min(wall_ratio, cpu_ratio))
+            bf16_text = f"{rate('bf16', wall, wall_prep):12.2f}" if bf16 else f"{'-':>12}"
+            print(
+                f"{arch:<14} {rate('old', wall, wall_prep):10.2f} {rate('fp32', wall, wall_prep):12.2f} "
+                f"{bf16_text} {wall_ratio:12.1f}x {cpu_ratio:11.1f}x",
+                flush=True,
             )
-            started = time.perf_counter()
-            new_data = cached_samples(samples, side=defaults.TRAIN_CACHE_SIDE, root=cache)
-            load = time.perf_counter() - started
-            fp32 = images / (load + epoch_seconds(arch, new_data, new, None, args.batch_size))
-            fast = (
-                images / (load + epoch_seconds(arch, new_data, new, torch.bfloat16, args.batch_size))
-                if bf16
-                else None
-            )
-            ratios.append((fast or fp32) / old)
-            fast_text = f"{fast:12.1f}" if fast else f"{'-':>12}"
-            print(f"{arch:<14} {old:10.1f} {fp32:12.1f} {fast_text} {ratios[-1]:7.1f}x", flush=True)
     print(f"speed-up: {min(ratios):.1f}x")
 
 
