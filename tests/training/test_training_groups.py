@@ -68,7 +68,7 @@ def test_evaluate_by_an_unknown_column_is_refused_before_scoring(
     assert not (tmp_path / "r" / "metrics.json").exists()
 
 
-def test_test_where_holds_out_a_whole_group_and_bf16_falls_back_when_validation_disagrees(
+def test_test_where_holds_out_a_whole_group_and_bf16_falls_back_when_validation_disagrees_with_ema(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from training import train as train_module
@@ -92,6 +92,7 @@ def test_test_where_holds_out_a_whole_group_and_bf16_falls_back_when_validation_
         test_where="site=B",
         cache_dir=tmp_path / "cache",
         bf16_check_images=0,
+        ema=0.9,  # the bundle keeps the average of the weights
     )
     bundle = main(args)
     provenance = bundle.provenance
