@@ -136,6 +136,8 @@ class TrainArgs:
             raise ValueError(f"--ema must be a decay between 0 and 1, got {self.ema}")
         if self.test_where is not None and "=" not in self.test_where:
             raise ValueError(f"--test-where needs COLUMN=VALUE, got {self.test_where!r}")
+        if self.test_where is not None and (self.test is not None or self.test_fraction > 0):
+            raise ValueError("--test-where is the test set: give it without --test or --test-fraction")
         self.archs = tuple(self.archs or ()) or ARCHITECTURES
         unknown = [a for a in self.archs if a not in ARCHITECTURES]
         if unknown:

@@ -40,6 +40,8 @@ def test_from_scratch_takes_the_scratch_recipe_and_options_override_it() -> None
         _args(recipe="fast")
     with pytest.raises(ValueError, match="COLUMN=VALUE"):
         _args(test_where="source")
+    with pytest.raises(ValueError, match="without --test"):
+        _args(test_where="view=AP", test_fraction=0.2)
 
 
 def test_learning_rate_warms_up_then_decays_by_cosine() -> None:
