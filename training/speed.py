@@ -1,7 +1,8 @@
 """How a training run uses the machine: autocast precision, DataLoader workers, torch threads.
 
-On CPU with bf16 instructions (AVX512-BF16 or AMX) bf16 autocast trains about twice as fast as fp32
-(benchmarks/train_throughput.py); the weights stay fp32 and every epoch's validation is scored in fp32.
+On CPU with bf16 instructions (AVX512-BF16 or AMX) bf16 autocast trains faster than fp32 (1.5-2x on
+an AVX512-BF16 EPYC: benchmarks/train_throughput.py, docs/training.md); the weights stay fp32 and every
+epoch's validation is scored in fp32.
 The check that allows it: each epoch the validation AUC is also scored in bf16, and once the two differ
 by more than ``BF16_AUC_TOLERANCE`` the rest of the run trains in fp32 (recorded per epoch in history).
 """
