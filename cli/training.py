@@ -186,6 +186,10 @@ def train_command(
     validation = bundle.metrics.get("validation", {})
     for name, auc in (validation.get("auc") or {}).items():
         err_console.print(f"  validation AUC {name}: {score(auc) or 'n/a'}", highlight=False)
+    for arch, precision in (bundle.provenance.get("training_precision") or {}).items():
+        gaps = [h["bf16_auc_gap"] for h in bundle.provenance["history"][arch] if "bf16_auc_gap" in h]
+        checked = f" (bf16 - fp32 validation AUC up to {human(max(gaps))})" if gaps else ""
+        err_console.print(f"  trained {arch} in {precision}{checked}", highlight=False)
     if (worst := validated_bf16_drift(bundle)) is not None:
         tolerance = get_settings().bf16_tolerance
         verdict = (

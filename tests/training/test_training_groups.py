@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.images import write_labelled_folder
-from training.args import TrainArgs
 
 
 def _csv_with_sites(folder: Path, *, patients: bool = False) -> Path:
@@ -69,33 +68,27 @@ def test_evaluate_by_an_unknown_column_is_refused_before_scoring(
 
 
 def test_test_where_holds_out_a_whole_group_and_bf16_falls_back_when_validation_disagrees_with_ema(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, training_cli, cli_runner
 ) -> None:
+    from deepcovid.bundle import load_bundle
     from training import train as train_module
-    from training.train import main
 
     data = tmp_path / "data"
     write_labelled_folder(data, 12, 12, size=48, seed=21)
     labels = _csv_with_sites(data, patients=True)
     # Every bf16 validation AUC "disagrees": the run must go on in fp32 and say so.
     monkeypatch.setattr(train_module, "BF16_AUC_TOLERANCE", -1.0)
-    args = TrainArgs(
-        data=labels,
-        out=tmp_path / "bundle",
-        archs=("squeezenet1_1",),
-        pretrained="none",
-        epochs=2,
-        batch_size=8,
-        device="cpu",
-        progress=False,
-        precision="bf16",
-        test_where="site=B",
-        cache_dir=tmp_path / "cache",
-        bf16_check_images=0,
-        ema=0.9,  # the bundle keeps the average of the weights
+    out = tmp_path / "bundle"
+    result = cli_runner.invoke(
+        training_cli,
+        ["train", str(labels), "--out", str(out), "--arch", "squeezenet1_1", "--pretrained", "none"]
+        + ["--epochs", "2", "--batch-size", "8", "--device", "cpu", "--no-progress", "--precision", "bf16"]
+        + ["--test-where", "site=B", "--cache-dir", str(tmp_path / "cache"), "--bf16-check-images", "0"]
+        + ["--ema", "0.9"],  # the bundle keeps the average of the weights
     )
-    bundle = main(args)
-    provenance = bundle.provenance
+    assert result.exit_code == 0, result.output
+    assert "trained squeezenet1_1 in fp32 (bf16 - fp32 validation AUC up to" in result.output
+    provenance = load_bundle(out).provenance
     assert provenance["counts"]["test"] == {"covid": 6, "non_covid": 6}
     assert sum(provenance["counts"]["train"].values()) + sum(provenance["counts"]["val"].values()) == 12
     test_set = (tmp_path / "bundle.report" / "test_set.csv").read_text()
@@ -104,6 +97,7 @@ def test_test_where_holds_out_a_whole_group_and_bf16_falls_back_when_validation_
     assert history[0]["precision"] == "bf16" and history[0]["bf16_fallback"] and "bf16_auc_gap" in history[0]
     assert history[1]["precision"] == "fp32" and "bf16_auc_gap" not in history[1]
     assert provenance["training_precision"] == {"squeezenet1_1": "fp32"}
+    assert provenance["args"]["recipe"] == "scratch" and provenance["args"]["ema"] == 0.9
 
 
 def test_test_where_needs_a_known_column_and_value(tmp_path: Path) -> None:
