@@ -38,7 +38,9 @@ class BatchAugment:
         def draw(low: float, high: float) -> torch.Tensor:
             return torch.empty(n, 1, 1, 1).uniform_(low, high).to(device)
 
-        x = images.float().div_(255.0)
+        # A grey film (three equal channels, as chest X-rays are) is augmented once and repeated.
+        gray = images.shape[1] == 3 and bool((images[:, 1:] == images[:, :1]).all())
+        x = (images[:, :1] if gray else images).float().div_(255.0)
         if self.degrees:
             x = _rotate(x, draw(-self.degrees, self.degrees).view(n) * (math.pi / 180.0))
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
@@ -46,7 +48,8 @@ class BatchAugment:
         x = x.pow_(draw(*self.gamma)).mul_(255.0)
         if self.noise:
             x = x.add_(torch.randn(n, 1, *x.shape[-2:]).to(device).mul_(draw(0.0, self.noise)))
-        return x.clamp_(0.0, 255.0)
+        x = x.clamp_(0.0, 255.0)
+        return x.expand(-1, 3, -1, -1) if gray else x
 
 
 def _rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
