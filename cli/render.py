@@ -10,7 +10,7 @@ import contextlib
 import functools
 import json
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -212,3 +212,46 @@ def check_output(path: Path | None, option: str = "--out") -> None:
             f"{option} {path}: the folder {path.parent} does not exist; create it or choose another",
             ExitCode.USAGE,
         )
+
+
+def _interval(value: float | None, low: float | None, high: float | None) -> str:
+    """A metric with its 95% interval: ``0.912 (0.850-0.950)``; ``n/a`` when undefined."""
+    if value is None:
+        return "n/a"
+    return f"{score(value)} ({score(low)}-{score(high)})" if low is not None else score(value)
+
+
+def group_table(by: Mapping[str, Any]) -> Table:
+    """``evaluate --by``: the ensemble per value of a labels column, with 95% intervals."""
+    rows = []
+    for row in by["groups"]:
+        sens, spec, auc = row["sensitivity"], row["specificity"], row["roc_auc"]
+        rows.append(
+            (
+                row["value"],
+                f"{row['n_covid']}/{row['n_non_covid']}",
+                _interval(sens["value"], *(sens["wilson"] or (None, None))),
+                _interval(spec["value"], *(spec["wilson"] or (None, None))),
+                _interval(auc["auc"], auc["ci_low"], auc["ci_high"]),
+            )
+        )
+    columns = (by["column"], "covid/non", "sensitivity", "specificity", "AUC")
+    return rows_table(f"Ensemble by {by['column']}", columns, rows, right=columns[1:])
+
+
+def probe_table(probe: Mapping[str, Any]) -> Table:
+    """The shortcut probe: cross-validated AUC of the label and of the column from each network's features."""
+    column = probe["column"]
+    rows = [
+        (
+            arch,
+            score(m["label_auc"]) or "n/a",
+            score(m["column_auc"]) or "n/a",
+            score(m["column_auc_within_class"].get("non_covid")) or "n/a",
+            score(m["column_auc_within_class"].get("covid")) or "n/a",
+        )
+        for arch, m in probe["networks"].items()
+    ]
+    columns = ("network", "label", f"{column}", "within non-COVID", "within COVID")
+    title = f"Shortcut probe: {column} from the networks' features (cross-validated AUC)"
+    return rows_table(title, columns, rows, right=columns[1:])

@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 from rich.logging import RichHandler
 
-from cli.render import err_console, fail, human, rows_table, score, show, warning
+from cli.render import err_console, fail, group_table, human, probe_table, rows_table, score, show, warning
 from deepcovid import defaults
 from deepcovid.bundle import BundleError, load_bundle
 from deepcovid.errors import UserError
@@ -21,7 +21,7 @@ from deepcovid.exitcodes import ExitCode
 from deepcovid.networks import PretrainedWeightsUnavailable
 from deepcovid.settings import get_settings
 from deepcovid.untrained import is_untrained, untrained_warning
-from training.args import TrainArgs
+from training.args import RECIPES, TrainArgs
 from training.synthetic import write_demo_archive, write_labelled_folder
 
 ALLOW_UNTRAINED = typer.Option(
@@ -41,6 +41,12 @@ def _setup_logging() -> None:
         )
 
 
+def _from_recipe(name: str, what: str = "") -> str:
+    """Help text naming the field's value in each recipe."""
+    values = ", ".join(f"{recipe} {getattr(RECIPES[recipe], name)}" for recipe in RECIPES)
+    return f"{what + '. ' if what else ''}Default from the recipe: {values}."
+
+
 def train_command(
     data: Annotated[
         Path, typer.Argument(help="Labelled folder (covid/, non_covid/) or CSV (path,label[,patient_id]).")
@@ -57,11 +63,46 @@ def train_command(
         TrainArgs.pretrained
     ),
     finetune: Annotated[
-        str, typer.Option(help="head: only the last layer (the paper); all: every layer.")
+        Optional[str],
+        typer.Option(
+            help="head: only the last layer (default with weights); all: every layer (from scratch)."
+        ),
     ] = TrainArgs.finetune,
-    epochs: Annotated[int, typer.Option(min=1)] = TrainArgs.epochs,
-    batch_size: Annotated[int, typer.Option(min=1)] = TrainArgs.batch_size,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = TrainArgs.lr,
+    recipe: Annotated[
+        Optional[str],
+        typer.Option(help="paper (default with weights) or scratch (default with --pretrained none)."),
+    ] = TrainArgs.recipe,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help=_from_recipe("epochs"))] = TrainArgs.epochs,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help=_from_recipe("batch_size"))] = (
+        TrainArgs.batch_size
+    ),
+    lr: Annotated[
+        Optional[float], typer.Option(help=_from_recipe("lr", "Peak learning rate"))
+    ] = TrainArgs.lr,
+    optimizer: Annotated[Optional[str], typer.Option(help=_from_recipe("optimizer", "adam or adamw"))] = (
+        TrainArgs.optimizer
+    ),
+    weight_decay: Annotated[Optional[float], typer.Option(min=0, help=_from_recipe("weight_decay"))] = (
+        TrainArgs.weight_decay
+    ),
+    label_smoothing: Annotated[
+        Optional[float], typer.Option(min=0, max=0.5, help=_from_recipe("label_smoothing"))
+    ] = TrainArgs.label_smoothing,
+    warmup_epochs: Annotated[
+        Optional[int], typer.Option(min=0, help=_from_recipe("warmup_epochs", "Linear warm-up epochs"))
+    ] = TrainArgs.warmup_epochs,
+    schedule: Annotated[
+        Optional[str], typer.Option(help=_from_recipe("schedule", "After warm-up: constant or cosine"))
+    ] = TrainArgs.schedule,
+    augment: Annotated[
+        Optional[str], typer.Option(help=_from_recipe("augment", "paper (mild) or cxr (stronger)"))
+    ] = TrainArgs.augment,
+    ema: Annotated[
+        Optional[float],
+        typer.Option(
+            metavar="DECAY", help=_from_recipe("ema", "Keep an EMA of the weights (e.g. 0.999); 0: off")
+        ),
+    ] = TrainArgs.ema,
     seed: int = TrainArgs.seed,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = TrainArgs.device,
     val_fraction: Annotated[
@@ -75,7 +116,12 @@ def train_command(
     ] = TrainArgs.target_sensitivity,
     early_stopping: Annotated[
         Optional[int],
-        typer.Option(metavar="PATIENCE", help="Stop after this many epochs without a better val AUC."),
+        typer.Option(
+            metavar="PATIENCE",
+            help=_from_recipe(
+                "early_stopping", "Stop after this many epochs without a better val AUC; 0: never"
+            ),
+        ),
     ] = TrainArgs.early_stopping,
     resume: Annotated[
         bool, typer.Option(help="Continue from the checkpoints in --checkpoint-dir.")
@@ -87,8 +133,29 @@ def train_command(
         Optional[Path], typer.Option(help="Test report folder. Default: OUT.report.")
     ] = TrainArgs.report_dir,
     workers: Annotated[
-        int, typer.Option(min=0, max=8, help="DataLoader worker processes.")
+        Optional[int],
+        typer.Option(min=0, max=8, help="DataLoader worker processes. Default: 0 on CPU, 8 on CUDA."),
     ] = TrainArgs.workers,
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="auto: bf16 autocast on CPUs with bf16 instructions while validation AUC agrees with fp32, "
+            "fp16 AMP on CUDA; fp32; bf16."
+        ),
+    ] = TrainArgs.precision,
+    cache: Annotated[
+        bool, typer.Option(help="Decode each image once into the training cache (under the data dir).")
+    ] = TrainArgs.cache,
+    cache_dir: Annotated[
+        Optional[Path], typer.Option(help="Training cache folder. Default: DATA_DIR/cache/train.")
+    ] = TrainArgs.cache_dir,
+    test_where: Annotated[
+        Optional[str],
+        typer.Option(
+            metavar="COLUMN=VALUE",
+            help="Hold out the CSV rows whose COLUMN is VALUE (a whole source or view) as the test set.",
+        ),
+    ] = TrainArgs.test_where,
     hflip: Annotated[
         bool, typer.Option(help="Also flip COVID images horizontally when augmenting (the paper did).")
     ] = TrainArgs.hflip,
@@ -119,6 +186,10 @@ def train_command(
     validation = bundle.metrics.get("validation", {})
     for name, auc in (validation.get("auc") or {}).items():
         err_console.print(f"  validation AUC {name}: {score(auc) or 'n/a'}", highlight=False)
+    for arch, precision in (bundle.provenance.get("training_precision") or {}).items():
+        gaps = [h["bf16_auc_gap"] for h in bundle.provenance["history"][arch] if "bf16_auc_gap" in h]
+        checked = f" (bf16 - fp32 validation AUC up to {human(max(gaps))})" if gaps else ""
+        err_console.print(f"  trained {arch} in {precision}{checked}", highlight=False)
     if (worst := validated_bf16_drift(bundle)) is not None:
         tolerance = get_settings().bf16_tolerance
         verdict = (
@@ -151,6 +222,18 @@ def evaluate_command(
     db: Annotated[
         bool, typer.Option("--db/--no-db", help="Record the metrics in the bundle registry.")
     ] = True,
+    by: Annotated[
+        Optional[str],
+        typer.Option(
+            metavar="COLUMN",
+            help="Also per value of this labels.csv column (source_repo, view, finding, ...): "
+            "sensitivity, specificity and AUC with 95% intervals.",
+        ),
+    ] = None,
+    probe: Annotated[
+        bool,
+        typer.Option(help="With --by: the shortcut probe (can COLUMN be read off the networks' features?)."),
+    ] = True,
 ) -> None:
     """Evaluate a bundle on labelled test data with the screener's own scoring; write a report.
 
@@ -169,7 +252,15 @@ def evaluate_command(
     _setup_logging()
     try:
         metrics = evaluate_bundle(
-            bundle, test_data, out, device=device, batch_size=batch_size, record_db=db, n_resamples=bootstrap
+            bundle,
+            test_data,
+            out,
+            device=device,
+            batch_size=batch_size,
+            record_db=db,
+            n_resamples=bootstrap,
+            by=by,
+            probe=probe,
         )
     except (BundleError, ValueError) as exc:  # training.data.DataError is a ValueError
         raise fail(str(exc)) from None
@@ -180,6 +271,10 @@ def evaluate_command(
         f"AUC {score(op['auc']) or 'n/a'}; report in {out}",
         highlight=False,
     )
+    if "by" in metrics:
+        show(group_table(metrics["by"]))
+        if "probe" in metrics["by"]:
+            show(probe_table(metrics["by"]["probe"]))
 
 
 def register_command(

@@ -179,6 +179,14 @@ BOOTSTRAP_RESAMPLES = 1000
 TABLE_THRESHOLDS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 """Thresholds of the paper's sensitivity/specificity table."""
 
+PREPROCESS_VERSION = 1
+"""Version of the training cache's decode + preprocessing; bump it when either changes, and every cached
+image is decoded again (old versions are deleted)."""
+
+TRAIN_CACHE_SIDE = 256
+"""Pixels: training images are cached as the inference crop (shorter side, centre square) at this side,
+so random crops, rotations and scales down to 224 still start from real pixels."""
+
 MAX_DECODED_BYTES = 256 * 1024 * 1024
 """Bytes decoding one image may hold (rows x columns x samples x bytes per sample, from the header), and
 the budget a process's decode threads share. A 4280 x 3520 16-bit chest radiograph holds 30 MB (60 MB in

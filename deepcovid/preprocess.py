@@ -28,30 +28,31 @@ def resized_size(width: int, height: int, size: int = INPUT_SIZE) -> tuple[int, 
     return int(size * width / height), size
 
 
-def crop_box(width: int, height: int) -> tuple[float, float, float, float]:
+def crop_box(width: int, height: int, size: int = INPUT_SIZE) -> tuple[float, float, float, float]:
     """(left, top, right, bottom) in original pixels of the region Resize(224)+CenterCrop(224) keeps:
     what the model sees, and where an explanation map lies on the original image."""
-    new_w, new_h = resized_size(width, height)
-    left = int(round((new_w - INPUT_SIZE) / 2.0))
-    top = int(round((new_h - INPUT_SIZE) / 2.0))
+    new_w, new_h = resized_size(width, height, size)
+    left = int(round((new_w - size) / 2.0))
+    top = int(round((new_h - size) / 2.0))
     sx, sy = width / new_w, height / new_h
-    return (left * sx, top * sy, (left + INPUT_SIZE) * sx, (top + INPUT_SIZE) * sy)
+    return (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
 
 
-def to_model_input(pixels: np.ndarray, *, reducing_gap: float | None = None) -> np.ndarray:
+def to_model_input(
+    pixels: np.ndarray, *, reducing_gap: float | None = None, size: int = INPUT_SIZE
+) -> np.ndarray:
     """``uint8`` ``HxW`` or ``HxWx3`` to ``224x224`` (or ``224x224x3``), as Resize(224)+CenterCrop(224).
 
     Only the crop's source region is resampled (Pillow ``box``), which gives the same pixels as
-    resizing the whole image and cropping after.
+    resizing the whole image and cropping after. Another ``size`` gives the same square crop at that
+    side (the training cache keeps room for augmentation that way).
     """
     if pixels.dtype != np.uint8 or not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] == 3)):
         raise ValueError(f"expected uint8 HxW or HxWx3 pixels, got {pixels.dtype} {pixels.shape}")
     height, width = pixels.shape[:2]
-    box = crop_box(width, height)
+    box = crop_box(width, height, size)
     image = Image.fromarray(pixels)
-    out = image.resize(
-        (INPUT_SIZE, INPUT_SIZE), Image.Resampling.BILINEAR, box=box, reducing_gap=reducing_gap
-    )
+    out = image.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=reducing_gap)
     return np.asarray(out, dtype=np.uint8)
 
 

@@ -1,8 +1,9 @@
 """Labelled chest X-rays for training and evaluation: reading, patient-disjoint splits, cached tensors.
 
 Images go through exactly the inference path (``deepcovid.preprocess.load_image`` then ``collate``),
-so a model is trained on the same 224x224 crop it later scores. Data sets here are small (hundreds of
-images), so every image is decoded once and kept as uint8 in memory; epochs then cost only compute.
+so a model is trained on the same crop it later scores. Every image is decoded once into the training
+cache (``training.cache``): uint8, memory-mapped, reused by later runs; epochs then cost only compute.
+Training images are cached at 256 (room for augmentation), validation images at exactly the 224 input.
 """
 
 from __future__ import annotations
@@ -19,15 +20,16 @@ import numpy as np
 import torch
 from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold, train_test_split
 from torch.utils.data import WeightedRandomSampler
-from torchvision.transforms import v2
 
+from deepcovid import defaults
 from deepcovid.batches import collate
 from deepcovid.decode import read_file
 from deepcovid.errors import ImageError
 from deepcovid.formats import IMAGE_SUFFIXES
-from deepcovid.preprocess import load_image
+from deepcovid.preprocess import INPUT_SIZE, load_image
 from deepcovid.settings import get_settings
 from training.args import TrainArgs
+from training.cache import TrainingCache, cache_root
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,11 @@ class Sample:
     label: int
     name: str
     patient_id: str | None = None
+    columns: tuple[tuple[str, str], ...] = ()  # every column of its CSV row (for --by / --test-where)
+
+    def column(self, name: str) -> str | None:
+        """The value of CSV column ``name`` for this sample, None when its data had no such column."""
+        return dict(self.columns).get(name)
 
 
 @dataclass
@@ -144,8 +151,15 @@ def _load_csv(csv_path: Path) -> list[Sample]:
                 raise DataError(f"{csv_path}:{line}: {exc}") from None
             patient = (row.get(patient_col) or "").strip() if patient_col else ""
             path = Path(name) if Path(name).is_absolute() else base / name
+            columns = tuple((k.strip(), (v or "").strip()) for k, v in row.items() if k is not None)
             samples.append(
-                Sample(path=path, label=label, name=Path(name).as_posix(), patient_id=patient or None)
+                Sample(
+                    path=path,
+                    label=label,
+                    name=Path(name).as_posix(),
+                    patient_id=patient or None,
+                    columns=columns,
+                )
             )
     return samples
 
@@ -213,9 +227,35 @@ def split_samples(
     return Split(train=train, val=val, test=test, by_patient=by_patient)
 
 
+def hold_out_group(samples: Sequence[Sample], where: str) -> tuple[list[Sample], list[Sample]]:
+    """(the samples whose CSV column equals the value in ``where`` = "COLUMN=VALUE", the rest without
+    any patient of that group): a whole source or view as the test set."""
+    column, _, value = where.partition("=")
+    column, value = column.strip(), value.strip()
+    known = {name for s in samples for name, _ in s.columns}
+    if column not in known:
+        names = ", ".join(sorted(known)) or "none: use a CSV"
+        raise DataError(f"--test-where: no column {column!r} in the labels (columns: {names})")
+    held = [s for s in samples if s.column(column) == value]
+    if not held:
+        values = sorted({s.column(column) or "" for s in samples})
+        raise DataError(f"--test-where: no row has {column} = {value!r} (values: {', '.join(values[:20])})")
+    patients = {s.patient_id for s in held if s.patient_id}
+    rest = [s for s in samples if s.column(column) != value and s.patient_id not in patients]
+    if not rest:
+        raise DataError(
+            f"--test-where: every patient has an image with {column} = {value!r}: nothing to train on"
+        )
+    dropped = len(samples) - len(held) - len(rest)
+    if dropped:
+        log.info("--test-where: %d image(s) of held-out patients outside the group left out too", dropped)
+    return held, rest
+
+
 @dataclass
 class DecodedSet:
-    """Samples decoded to the model input: ``images`` uint8 [N, 3, 224, 224], ``labels`` int64 [N]."""
+    """Samples decoded to uint8 ``images`` [N, 3, side, side] (224, the model input, unless cached larger
+    for augmentation) and ``labels`` int64 [N]."""
 
     samples: list[Sample]
     images: torch.Tensor
@@ -250,10 +290,41 @@ def decode_samples(samples: Sequence[Sample], *, max_pixels: int | None = None) 
     return DecodedSet(samples=kept, images=images, labels=labels, skipped=skipped)
 
 
+def cached_samples(
+    samples: Sequence[Sample], *, side: int, max_pixels: int | None = None, root: Path | None = None
+) -> DecodedSet:
+    """``decode_samples`` through the training cache at ``side`` (``root``: default under the data dir);
+    at 224 the pixels are the same, at 256 they are the same crop with room for augmentation."""
+    cache = TrainingCache(root or cache_root(get_settings().data_dir), side)
+    rows = cache.load([s.path for s in samples], max_pixels=max_pixels)
+    skipped = [(samples[i].name, reason) for i, reason in rows.skipped]
+    if skipped:
+        log.warning("skipped %d undecodable image(s), e.g. %s", len(skipped), skipped[0])
+    kept = [samples[i] for i in rows.kept]
+    labels = torch.tensor([s.label for s in kept], dtype=torch.int64)
+    return DecodedSet(samples=kept, images=rows.images, labels=labels, skipped=skipped)
+
+
+def _decode_split(split: Split, args: TrainArgs) -> tuple[DecodedSet, DecodedSet]:
+    max_pixels = get_settings().max_image_pixels
+    if not args.cache:
+        return decode_samples(split.train, max_pixels=max_pixels), decode_samples(
+            split.val, max_pixels=max_pixels
+        )
+    root = Path(args.cache_dir) if args.cache_dir else None
+    train = cached_samples(split.train, side=defaults.TRAIN_CACHE_SIDE, max_pixels=max_pixels, root=root)
+    val = cached_samples(split.val, side=INPUT_SIZE, max_pixels=max_pixels, root=root)
+    return train, val
+
+
 def prepare_data(args: TrainArgs) -> tuple[Split, DecodedSet, DecodedSet]:
     """Read, split and decode; the test samples (``split.test``) stay undecoded for ``evaluate_bundle``."""
     samples = load_labelled(args.data)
-    if args.test is not None:
+    if args.test_where is not None:
+        held, rest = hold_out_group(samples, args.test_where)
+        split = split_samples(rest, val_fraction=args.val_fraction, seed=args.seed)
+        split.test = held
+    elif args.test is not None:
         split = split_samples(samples, val_fraction=args.val_fraction, seed=args.seed)
         split.test = load_labelled(args.test)
         _warn_on_overlap(split)
@@ -261,9 +332,7 @@ def prepare_data(args: TrainArgs) -> tuple[Split, DecodedSet, DecodedSet]:
         split = split_samples(
             samples, val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed
         )
-    max_pixels = get_settings().max_image_pixels
-    train = decode_samples(split.train, max_pixels=max_pixels)
-    val = decode_samples(split.val, max_pixels=max_pixels)
+    train, val = _decode_split(split, args)
     for name, part in (("training", train), ("validation", val)):
         if len(set(part.labels.tolist())) < 2:
             raise ValueError(f"the {name} split has only one decodable class: {class_counts(part.samples)}")
@@ -291,44 +360,6 @@ def _warn_on_overlap(split: Split) -> None:
             len(patients),
             len(files),
         )
-
-
-def make_augmentation(hflip: bool = False) -> v2.Transform:
-    """Mild, anatomy-preserving augmentation (the paper augmented COVID images to enlarge that class).
-
-    Horizontal flips are off by default: chest X-rays have a side (heart on the left), and a flipped
-    film is an image no scanner produces. The paper did flip; ``hflip=True`` restores that.
-    """
-    steps = [
-        v2.RandomRotation(degrees=10),
-        v2.RandomResizedCrop(224, scale=(0.9, 1.0), ratio=(0.95, 1.05), antialias=True),
-        v2.ColorJitter(brightness=0.1, contrast=0.1),
-    ]
-    if hflip:
-        steps.append(v2.RandomHorizontalFlip())
-    return v2.Compose(steps)
-
-
-class CachedImages:
-    """A torch Dataset over a DecodedSet: (uint8 [3,224,224], label), augmenting chosen classes only."""
-
-    def __init__(
-        self, decoded: DecodedSet, augment: v2.Transform | None = None, augment_labels: Sequence[int] = (1,)
-    ) -> None:
-        self.images = decoded.images
-        self.labels = decoded.labels
-        self.augment = augment
-        self.augment_labels = set(augment_labels)
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = self.images[index]
-        label = int(self.labels[index])
-        if self.augment is not None and label in self.augment_labels:
-            image = self.augment(image)
-        return image, label
 
 
 def balanced_sampler(

@@ -28,11 +28,13 @@ from deepcovid.results import ENSEMBLE_KEY, ImageResult
 from deepcovid.settings import Settings, get_settings
 from deepcovid.storage import open_storage
 from training.calibration import calibration_summary, uncalibrated
-from training.data import Sample, class_counts, data_id, load_labelled
+from training.data import Sample, class_counts, data_id, decode_samples, load_labelled
 from training.gallery import heatmap_review
+from training.groups import group_values, metrics_by_group
 from training.metrics import strict_json, summarize
 from training.registry import record_evaluation_for
 from training.report import RELIABILITY, render_report, write_plots, write_reliability
+from training.shortcut import source_probe
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +156,16 @@ def evaluate_bundle(
     n_resamples: int = defaults.BOOTSTRAP_RESAMPLES,
     seed: int = 0,
     heatmaps: bool = True,
+    by: str | None = None,
+    probe: bool = True,
 ) -> dict[str, Any]:
     """Score ``data`` with ``bundle``, write report.md, metrics.json and the plots into ``out_dir``;
     with ``heatmaps``, also a gallery of ensemble heatmaps and their mass at the border
     (``training.gallery``).
+
+    ``by`` names a labels column: the ensemble's metrics per value of it are added, and with ``probe``
+    the shortcut probe (``training.shortcut``: how well that column can be read off the networks'
+    features).
 
     With ``record_db`` the metrics are also recorded in the bundle registry (registering the bundle
     first if needed); an unreachable or unmigrated database is reported, not fatal.
@@ -167,6 +175,8 @@ def evaluate_bundle(
         bundle = load_bundle(bundle)
     source = str(Path(data).resolve()) if isinstance(data, (str, Path)) else None
     samples = load_labelled(Path(data)) if isinstance(data, (str, Path)) else list(data)
+    if by is not None:
+        group_values(samples, by)  # an unknown column is refused before any scoring
     ensemble = Ensemble.from_bundle(bundle, device=device, settings=settings)
     scored = score_samples(ensemble, samples, batch_size=batch_size, settings=settings)
     if scored.labels.size == 0:
@@ -194,6 +204,7 @@ def evaluate_bundle(
                 scored.labels, scored.uncalibrated_scores, scored.scores, scored.temperatures
             ),
             "caveats": list(CAVEATS),
+            **({"by": _by_group(scored, ensemble, by, probe, n_resamples, seed)} if by else {}),
         }
     )
     if heatmaps:
@@ -204,6 +215,27 @@ def evaluate_bundle(
     if record_db:
         metrics["recorded"] = record_in_registry(bundle, metrics, settings)
     return metrics
+
+
+def _by_group(
+    scored: Scored, ensemble: Ensemble, column: str, probe: bool, n_resamples: int, seed: int
+) -> dict[str, Any]:
+    """The ensemble's metrics per value of ``column`` and, with ``probe``, the shortcut probe."""
+    values = group_values(scored.samples, column)
+    rows = metrics_by_group(
+        scored.labels,
+        scored.ensemble_scores,
+        values,
+        scored.thresholds[ENSEMBLE_KEY],
+        n_resamples=n_resamples,
+        seed=seed,
+    )
+    result: dict[str, Any] = {"column": column, "groups": rows}
+    if probe:
+        images = decode_samples(scored.samples).images
+        networks = {arch: ensemble.networks[arch] for arch in ensemble.architectures}
+        result["probe"] = source_probe(networks, images, scored.labels, values, column)
+    return result
 
 
 def _operating(ensemble: dict[str, Any]) -> dict[str, Any]:

@@ -52,6 +52,9 @@ def provenance(
             "best_epoch": {arch: state.best_epoch for arch, state in states.items()},
             "stopped_early": {arch: state.stopped_early for arch, state in states.items()},
             "history": {arch: state.history for arch, state in states.items()},
+            # bf16 or fp32 on CPU (fp16 AMP on CUDA) at the last epoch; history has every epoch's and
+            # the bf16-vs-fp32 validation AUC gap that allowed bf16.
+            "training_precision": {arch: _last_precision(state.history) for arch, state in states.items()},
             "device": str(device),
             "torch": torch.__version__,
             "git_commit": _git_commit(),
@@ -60,6 +63,13 @@ def provenance(
             "wall_seconds": round(time.perf_counter() - clock, 1),
         }
     )
+
+
+def _last_precision(history: list[dict[str, Any]]) -> str | None:
+    if not history:
+        return None
+    last = history[-1]
+    return "fp32" if last.get("bf16_fallback") else last.get("precision", "fp32")
 
 
 def _patient_counts(split: Split) -> dict[str, int] | None:

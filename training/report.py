@@ -205,6 +205,7 @@ def render_report(metrics: Mapping[str, Any]) -> str:
     lines = _summary(metrics, scorers)
     lines += _calibration_section(metrics.get("calibration"))
     lines += _heatmap_section(metrics.get("heatmaps"))
+    lines += _group_section(metrics.get("by"))
     for name, m in scorers.items():
         lines += _scorer_section(name, m)
     lines += _caveats(metrics)
@@ -231,9 +232,7 @@ def _summary(metrics: Mapping[str, Any], scorers: Mapping[str, dict[str, Any]]) 
     ]
     for name, m in scorers.items():
         op, auc = m["operating_point"], m["roc_auc"]
-        auc_cell = (
-            "n/a" if auc["auc"] is None else f"{auc['auc']:.3f} ({auc['ci_low']:.3f}-{auc['ci_high']:.3f})"
-        )
+        auc_cell = _auc_cell(auc)
         ap = "n/a" if m["average_precision"] is None else f"{m['average_precision']:.3f}"
         lines.append(
             f"| {'**ensemble**' if name == ENSEMBLE_KEY else name} | {op['threshold']:.4f} | "
@@ -288,6 +287,58 @@ def _heatmap_section(heatmaps: Mapping[str, Any] | None) -> list[str]:
         images = " ".join(f"![{g['kind']} {g['score']:.3f}]({g['file']})" for g in shown)
         lines += [f"**{title}** ({len(shown)}): {images or 'none'}", ""]
     return lines
+
+
+def _auc_cell(auc: Mapping[str, Any]) -> str:
+    if auc["auc"] is None:
+        return "n/a"
+    return f"{auc['auc']:.3f} ({auc['ci_low']:.3f}-{auc['ci_high']:.3f})"
+
+
+def _group_section(by: Mapping[str, Any] | None) -> list[str]:
+    """The ensemble per value of a labels column, then the shortcut probe on that column."""
+    if not by:
+        return []
+    column = by["column"]
+    lines = [
+        f"## By {column}",
+        "",
+        "The ensemble at its operating threshold on each group (AUC is undefined where a group holds one "
+        "class only).",
+        "",
+        f"| {column} | images (COVID / non-COVID) | sensitivity (95% CI) | specificity (95% CI) | "
+        "ROC AUC (95% CI) |",
+        "|---|---|---|---|---|",
+    ]
+    for row in by["groups"]:
+        lines.append(
+            f"| {row['value']} | {row['n']} ({row['n_covid']} / {row['n_non_covid']}) | "
+            f"{_rate_cell(row['sensitivity'])} | {_rate_cell(row['specificity'])} | "
+            f"{_auc_cell(row['roc_auc'])} |"
+        )
+    return lines + [""] + _probe_section(by.get("probe"))
+
+
+def _probe_section(probe: Mapping[str, Any] | None) -> list[str]:
+    if not probe:
+        return []
+    column = probe["column"]
+    lines = [
+        f"### Shortcut probe: can {column} be read off the networks' features?",
+        "",
+        f"Cross-validated ({probe['folds']}-fold) ROC AUC of a logistic regression on each network's "
+        f"penultimate features. Near 0.5 within a class: the features do not tell the {column} values "
+        f"apart there. Near 1.0: they encode {column}, and where the classes come from different values of "
+        "it, part of the score can be that rather than the disease.",
+        "",
+        f"| network | label | {column} (all) | {column} within non-COVID | {column} within COVID |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for arch, m in probe["networks"].items():
+        within = m["column_auc_within_class"]
+        cells = [m["label_auc"], m["column_auc"], within.get("non_covid"), within.get("covid")]
+        lines.append(f"| {arch} | " + " | ".join("n/a" if v is None else f"{v:.3f}" for v in cells) + " |")
+    return lines + [""]
 
 
 def _scorer_section(name: str, m: Mapping[str, Any]) -> list[str]:

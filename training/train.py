@@ -1,9 +1,12 @@
 """Fine-tune the Deep-COVID networks and write a bundle with thresholds chosen on validation data.
 
 Laid out like torchvision's references/classification/train.py: ``train_one_epoch``, ``evaluate`` and
-``main(args)``. Defaults are the paper's: ImageNet weights, only the last layer trained, cross-entropy,
-Adam at 1e-4, batches of 100, 100 epochs, 224x224 inputs, COVID images augmented and over-sampled.
-Every epoch is seeded from (seed, epoch), so a resumed run replays exactly what a straight run does.
+``main(args)``. With ImageNet weights the defaults are the paper's (``RECIPES["paper"]``): only the last
+layer trained, cross-entropy, Adam at 1e-4, batches of 100, 100 epochs. With ``--pretrained none`` every
+layer trains with the from-scratch recipe (AdamW, warm-up + cosine, label smoothing, CXR augmentations,
+early stopping). Images come from the training cache; on CPUs with bf16 instructions steps run in bf16
+autocast while a per-epoch check allows it (``training.speed``). Every epoch is seeded from (seed, epoch),
+so a resumed run replays exactly what a straight run does.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ import numpy as np
 import torch
 from rich.progress import Progress
 from torch import nn
-from torch.optim.swa_utils import update_bn
+from torch.optim.swa_utils import AveragedModel, update_bn
 from torch.utils.data import DataLoader
+from torchvision.transforms import v2
 
 from deepcovid.batches import normalize
 from deepcovid.bundle import Bundle, save_bundle
@@ -31,22 +35,16 @@ from deepcovid.devices import resolve_device
 from deepcovid.networks import COVID_INDEX, build_network, freeze_backbone, head_parameters, set_train_mode
 from deepcovid.precision import BF16_CHECK_KEY
 from deepcovid.settings import get_settings
-from training.args import TrainArgs
+from training.args import RECIPE_FIELDS, TrainArgs
+from training.augment import CachedImages, make_augmentation, to_input_size
 from training.checkpoint import CheckpointFiles, FitState, clone_weights, resume, save_best, save_last
-from training.data import (
-    CachedImages,
-    DecodedSet,
-    Sample,
-    balanced_sampler,
-    data_id,
-    make_augmentation,
-    prepare_data,
-    write_samples_csv,
-)
+from training.data import DecodedSet, Sample, balanced_sampler, data_id, prepare_data, write_samples_csv
 from training.evaluate import evaluate_bundle
 from training.metrics import roc_auc
+from training.optim import lr_at, make_ema, make_optimizer, set_lr
 from training.progress import EpochBar, progress_display
 from training.provenance import provenance
+from training.speed import BF16_AUC_TOLERANCE, label, loader_workers, set_training_threads, training_dtype
 from training.validation import POLICY, ValidationRecord, bf16_check, validation_record
 
 log = logging.getLogger(__name__)
@@ -74,10 +72,13 @@ class Learner:
     scaler: torch.amp.GradScaler
     criterion: nn.Module
     frozen: bool  # only the head trains
+    dtype: torch.dtype | None  # autocast dtype of the training steps; None: fp32
+    ema: AveragedModel | None = None
 
     @property
-    def amp(self) -> bool:
-        return self.scaler.is_enabled()
+    def scored(self) -> nn.Module:
+        """What validation scores and the bundle keeps: the EMA of the weights when on."""
+        return self.ema.module if self.ema is not None else self.model
 
 
 @dataclass
@@ -98,10 +99,8 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return seed * 100_003 + epoch
 
 
-def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
-    return torch.autocast(
-        device_type=device.type, dtype=torch.float16, enabled=enabled and device.type == "cuda"
-    )
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    return torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def _to_model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -115,25 +114,36 @@ def train_one_epoch(
     loader: DataLoader,
     device: torch.device,
     *,
+    dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    schedule: Callable[[int], float] | None = None,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ema: AveragedModel | None = None,
     on_batch: Callable[[float], None] | None = None,
 ) -> float:
-    """One pass over ``loader``; returns the mean training loss. The caller sets train mode."""
+    """One pass over ``loader`` in autocast ``dtype``; returns the mean training loss. ``schedule`` gives
+    the learning rate of each step of the epoch, ``augment`` transforms each batch on the device (0..255
+    in and out). The caller sets train mode."""
     total, count = 0.0, 0
-    use_amp = scaler is not None and scaler.is_enabled()
-    for images, labels in loader:
-        inputs = _to_model_input(images, device)
+    use_scaler = scaler is not None and scaler.is_enabled()
+    for step, (images, labels) in enumerate(loader):
+        if schedule is not None:
+            set_lr(optimizer, schedule(step))
+        images = images.to(device, non_blocking=True)
+        inputs = normalize(augment(images) if augment is not None else images)
         labels = labels.to(device, non_blocking=True)
-        with _autocast(device, use_amp):
+        with _autocast(device, dtype):
             loss = criterion(model(inputs), labels)
         optimizer.zero_grad(set_to_none=True)
-        if use_amp:
+        if use_scaler:
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
         else:
             loss.backward()
             optimizer.step()
+        if ema is not None:
+            ema.update_parameters(model)
         total += float(loss.detach()) * labels.shape[0]
         count += labels.shape[0]
         if on_batch is not None:
@@ -144,32 +154,26 @@ def train_one_epoch(
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
-    loader: DataLoader,
+    decoded: DecodedSet,
     device: torch.device,
     *,
     criterion: nn.Module | None = None,
-    amp: bool = False,
+    dtype: torch.dtype | None = None,
+    batch_size: int = 64,
 ) -> Evaluation:
-    """COVID probabilities (softmax, class ``COVID_INDEX``) over ``loader`` with loss and AUC."""
-    criterion = criterion or nn.CrossEntropyLoss()
+    """COVID probabilities (softmax, class ``COVID_INDEX``) over ``decoded`` with loss and AUC, scored in
+    batches straight from the cached tensor (no DataLoader: nothing to augment)."""
     model.eval()
-    probabilities, labels_all, logits_all = [], [], []
-    total, count = 0.0, 0
-    for images, labels in loader:
-        inputs = _to_model_input(images, device)
-        labels = labels.to(device)
-        with _autocast(device, amp):
-            logits = model(inputs)
-        logits = logits.float()
-        total += float(criterion(logits, labels)) * labels.shape[0]
-        count += labels.shape[0]
-        probabilities.append(logits.softmax(dim=1)[:, COVID_INDEX].cpu().numpy())
-        labels_all.append(labels.cpu().numpy())
-        logits_all.append(logits.cpu().numpy())
-    p = np.concatenate(probabilities) if probabilities else np.empty(0)
-    y = np.concatenate(labels_all) if labels_all else np.empty(0, dtype=int)
-    z = np.concatenate(logits_all) if logits_all else np.empty((0, 2))
-    return Evaluation(probabilities=p, labels=y, loss=total / max(count, 1), auc=roc_auc(y, p), logits=z)
+    chunks = []
+    for start in range(0, len(decoded.labels), batch_size):
+        inputs = _to_model_input(to_input_size(decoded.images[start : start + batch_size]), device)
+        with _autocast(device, dtype):
+            chunks.append(model(inputs).float().cpu())
+    logits = torch.cat(chunks) if chunks else torch.empty((0, 2))
+    loss = float((criterion or nn.CrossEntropyLoss())(logits, decoded.labels)) if chunks else 0.0
+    p = logits.softmax(dim=1)[:, COVID_INDEX].numpy()
+    y = decoded.labels.numpy()
+    return Evaluation(probabilities=p, labels=y, loss=loss, auc=roc_auc(y, p), logits=logits.numpy())
 
 
 @torch.no_grad()
@@ -183,7 +187,7 @@ def recalibrate_batchnorm(
     (seen on small data). One forward pass with cumulative averaging makes them match the weights.
     """
     batches = (
-        _to_model_input(decoded.images[i : i + batch_size], device)
+        _to_model_input(to_input_size(decoded.images[i : i + batch_size]), device)
         for i in range(0, int(decoded.labels.shape[0]), batch_size)
     )
     update_bn(batches, model)
@@ -195,8 +199,8 @@ def _fingerprint(arch: str, args: TrainArgs, train: DecodedSet, val: DecodedSet)
         "arch": arch,
         "pretrained": str(args.pretrained),
         "finetune": args.finetune,
-        "lr": args.lr,
-        "batch_size": args.batch_size,
+        # The epoch count may grow on resume (a cosine schedule then stretches from there on).
+        **{name: getattr(args, name) for name in RECIPE_FIELDS if name != "epochs"},
         "seed": args.seed,
         "hflip": args.hflip,
         "recalibrate_bn": args.recalibrate_bn,
@@ -205,17 +209,19 @@ def _fingerprint(arch: str, args: TrainArgs, train: DecodedSet, val: DecodedSet)
     }
 
 
-def _train_loader(train: DecodedSet, args: TrainArgs, epoch: int, device: torch.device) -> DataLoader:
+def _train_loader(
+    train: DecodedSet, crop: v2.Transform, args: TrainArgs, epoch: int, device: torch.device
+) -> DataLoader:
     # Both classes are augmented: augmenting COVID alone lets a network learn "rotated = COVID"
     # (black corners, softer crops) instead of the disease; over-sampling still balances the classes.
-    dataset = CachedImages(train, augment=make_augmentation(args.hflip), augment_labels=(0, 1))
+    dataset = CachedImages(train, crop=crop)
     sampler = balanced_sampler(train.labels, seed=_epoch_seed(args.seed, epoch))
     generator = torch.Generator().manual_seed(_epoch_seed(args.seed, epoch))
     return DataLoader(
         dataset,
         batch_size=args.batch_size,
         sampler=sampler,
-        num_workers=args.workers,
+        num_workers=loader_workers(args.workers, device),
         pin_memory=device.type == "cuda",
         generator=generator,
         # BatchNorm cannot train on a batch of one.
@@ -223,18 +229,8 @@ def _train_loader(train: DecodedSet, args: TrainArgs, epoch: int, device: torch.
     )
 
 
-def _eval_loader(decoded: DecodedSet, args: TrainArgs, device: torch.device) -> DataLoader:
-    return DataLoader(
-        CachedImages(decoded),
-        batch_size=args.batch_size,
-        shuffle=False,
-        num_workers=args.workers,
-        pin_memory=device.type == "cuda",
-    )
-
-
 def build_learner(arch: str, args: TrainArgs, device: torch.device) -> Learner:
-    """The network from its starting weights, with an Adam optimizer over the layers that train."""
+    """The network from its starting weights, with the recipe's optimizer over the layers that train."""
     model = build_network(arch, args.pretrained, settings=get_settings())
     frozen = args.finetune == "head"
     if frozen:
@@ -243,13 +239,16 @@ def build_learner(arch: str, args: TrainArgs, device: torch.device) -> Learner:
     else:
         parameters = [p for p in model.parameters() if p.requires_grad]
     model.to(device, memory_format=torch.channels_last)
+    dtype = training_dtype(device, args.precision, args.amp)
     return Learner(
         arch=arch,
         model=model,
-        optimizer=torch.optim.Adam(parameters, lr=args.lr),
-        scaler=torch.amp.GradScaler("cuda", enabled=args.amp and device.type == "cuda"),
-        criterion=nn.CrossEntropyLoss(),
+        optimizer=make_optimizer(parameters, args),
+        scaler=torch.amp.GradScaler("cuda", enabled=dtype == torch.float16),
+        criterion=nn.CrossEntropyLoss(label_smoothing=args.label_smoothing),
         frozen=frozen,
+        dtype=dtype,
+        ema=make_ema(model, args.ema),
     )
 
 
@@ -260,6 +259,11 @@ def _start(
     if not (args.resume and files.last.is_file()):
         return FitState(fingerprint), None
     state, best = resume(files, fingerprint, learner.model, learner.optimizer, learner.scaler)
+    last = state.history[-1] if state.history else {}
+    if learner.dtype == torch.bfloat16 and (last.get("precision") == "fp32" or last.get("bf16_fallback")):
+        learner.dtype = None  # the bf16 check failed before the interruption
+    if learner.ema is not None:
+        learner.ema = make_ema(learner.model, args.ema)  # the average restarts from the resumed weights
     log.info(
         "%s: resuming after epoch %d (best AUC %.4f at epoch %d)",
         learner.arch,
@@ -270,7 +274,9 @@ def _start(
     return state, best
 
 
-def _record(state: FitState, epoch: int, train_loss: float, result: Evaluation, seconds: float) -> bool:
+def _record(
+    state: FitState, epoch: int, train_loss: float, result: Evaluation, seconds: float, extra: dict[str, Any]
+) -> bool:
     """Add the epoch to the state; True when it beats the best so far (AUC, then loss on a tie)."""
     state.epoch = epoch
     state.history.append(
@@ -280,6 +286,7 @@ def _record(state: FitState, epoch: int, train_loss: float, result: Evaluation, 
             "val_loss": result.loss,
             "val_auc": result.auc,
             "seconds": seconds,
+            **extra,
         }
     )
     improved = result.auc > state.best_auc or (result.auc == state.best_auc and result.loss < state.best_loss)
@@ -299,14 +306,17 @@ def _one_epoch(
     learner: Learner,
     args: TrainArgs,
     train: DecodedSet,
-    val_loader: DataLoader,
+    val: DecodedSet,
     epoch: int,
     device: torch.device,
     on_batch: Callable[[float], None],
-) -> tuple[float, Evaluation]:
-    """Train for one seeded epoch, then evaluate on validation: (mean training loss, evaluation)."""
+) -> tuple[float, Evaluation, dict[str, Any]]:
+    """Train for one seeded epoch, then evaluate on validation in fp32: (mean training loss, evaluation,
+    what history records about precision)."""
     seed_everything(_epoch_seed(args.seed, epoch))
-    loader = _train_loader(train, args, epoch, device)
+    augmentation = make_augmentation(args.augment, args.hflip)
+    loader = _train_loader(train, augmentation.crop, args, epoch, device)
+    steps = len(loader)
     set_train_mode(learner.model, learner.arch, frozen_backbone=learner.frozen)
     train_loss = train_one_epoch(
         learner.model,
@@ -314,13 +324,38 @@ def _one_epoch(
         learner.optimizer,
         loader,
         device,
+        dtype=learner.dtype,
         scaler=learner.scaler,
+        schedule=lambda step: lr_at(args, (epoch - 1) * steps + step, steps),
+        augment=augmentation.batch,
+        ema=learner.ema,
         on_batch=on_batch,
     )
     if args.recalibrate_bn and not learner.frozen:
-        recalibrate_batchnorm(learner.model, train, device, args.batch_size)
-    result = evaluate(learner.model, val_loader, device, criterion=learner.criterion, amp=learner.amp)
-    return train_loss, result
+        recalibrate_batchnorm(learner.scored, train, device, args.batch_size)
+    result = evaluate(learner.scored, val, device, criterion=learner.criterion)
+    return train_loss, result, _precision_check(learner, val, result, device)
+
+
+def _precision_check(
+    learner: Learner, val: DecodedSet, fp32: Evaluation, device: torch.device
+) -> dict[str, Any]:
+    """With bf16 training, validation AUC also in bf16: past the tolerance the run continues in fp32."""
+    record: dict[str, Any] = {"precision": label(learner.dtype)}
+    if learner.dtype != torch.bfloat16:
+        return record
+    gap = abs(evaluate(learner.scored, val, device, dtype=torch.bfloat16).auc - fp32.auc)
+    record["bf16_auc_gap"] = gap
+    if not gap <= BF16_AUC_TOLERANCE:  # NaN (one class) counts as a failure too
+        log.warning(
+            "%s: bf16 moved validation AUC by %.4f (tolerance %.4f): training on in fp32",
+            learner.arch,
+            gap,
+            BF16_AUC_TOLERANCE,
+        )
+        learner.dtype = None
+        record["bf16_fallback"] = True
+    return record
 
 
 def fit_architecture(
@@ -338,16 +373,15 @@ def fit_architecture(
     files = CheckpointFiles(args.effective_checkpoint_dir / arch)
     state, best_weights = _start(learner, args, files, _fingerprint(arch, args, train, val))
     bar = EpochBar(progress, arch, args.epochs, state.epoch)
-    val_loader = _eval_loader(val, args, device)
     for epoch in range(state.epoch + 1, args.epochs + 1):
         if state.stopped_early:
             break
         started = time.perf_counter()
-        train_loss, result = _one_epoch(learner, args, train, val_loader, epoch, device, bar.batch(epoch))
+        train_loss, result, extra = _one_epoch(learner, args, train, val, epoch, device, bar.batch(epoch))
         seconds = time.perf_counter() - started
-        if _record(state, epoch, train_loss, result, seconds):
-            best_weights = clone_weights(learner.model)
-            save_best(files, learner.model, state)
+        if _record(state, epoch, train_loss, result, seconds, extra):
+            best_weights = clone_weights(learner.scored)
+            save_best(files, learner.scored, state)
         state.stopped_early = args.early_stopping is not None and state.bad_epochs >= args.early_stopping
         save_last(files, learner.model, learner.optimizer, state, learner.scaler)
         log.info(
@@ -389,8 +423,7 @@ def _validate(
 ) -> ValidationRecord:
     """Temperatures, then thresholds on the calibrated probabilities, and the bundle's validation metrics,
     from the trained networks' logits on validation."""
-    loader = _eval_loader(val, args, device)
-    logits = {arch: evaluate(fit.model, loader, device).logits for arch, fit in fits.items()}
+    logits = {arch: evaluate(fit.model, val, device).logits for arch, fit in fits.items()}
     record = validation_record(val.labels.numpy(), logits, args.target_sensitivity)
     if args.bf16_check_images > 0:
         models = {arch: fit.model for arch, fit in fits.items()}
@@ -416,6 +449,7 @@ def main(args: TrainArgs) -> Bundle:
     """
     started_at, clock = datetime.now(timezone.utc), time.perf_counter()
     device = resolve_device(args.device)
+    set_training_threads(device)
     with _reproducible(args.deterministic, device):
         split, train, val = prepare_data(args)
         with progress_display(args.progress) as progress:

@@ -57,6 +57,7 @@ def trained(
         seed=0,
         device="cpu",
         progress=False,
+        cache_dir=out.parent / "cache",
     )
     started = time.perf_counter()
     bundle = main(args)

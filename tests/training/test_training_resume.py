@@ -20,7 +20,17 @@ ARCH = "squeezenet1_1"
 
 def _args(data: Path, out: Path, epochs: int, ckpt: Path, **kw) -> TrainArgs:
     defaults = dict(
-        archs=(ARCH,), pretrained="none", finetune="all", batch_size=4, lr=1e-4, device="cpu", progress=False
+        archs=(ARCH,),
+        pretrained="none",
+        finetune="all",
+        batch_size=4,
+        lr=1e-4,
+        device="cpu",
+        progress=False,
+        # A schedule that does not depend on the epoch count: a 1-epoch run then replays a 2-epoch one.
+        schedule="constant",
+        warmup_epochs=0,
+        cache_dir=out.parent / "cache",
     )
     return TrainArgs(data=data, out=out, epochs=epochs, checkpoint_dir=ckpt, **{**defaults, **kw})
 
