@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
+
+from tests.fixtures.services import free_port, port_open, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,3 +55,58 @@ def test_make_demo_screens_the_generated_archive(tmp_path: Path) -> None:
     assert states == {"scored": 6, "failed": 2}
     assert reasons == {"empty_file", "not_an_image"}
     assert predictions == 6
+    _serve_the_demo_database(demo)
+
+
+def _serve_the_demo_database(demo: Path) -> None:
+    """The README's review commands on the demo's database: an admin signs in and sees the job's worklist
+    with an image in it, rendered from the demo archive."""
+    env = {
+        **os.environ,
+        "DEEPCOVID_DATA_DIR": str(demo / "state"),
+        "DEEPCOVID_STORAGE_ROOTS": str(demo / "archive"),
+    }
+    deepcovid = str(Path(sys.prefix) / "bin" / "deepcovid")
+    password = "demo password 1"
+    added = subprocess.run(
+        [deepcovid, "users", "add", "ada", "--role", "admin", "--password-stdin"],
+        input=password + "\n",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert added.returncode == 0, added.stdout + added.stderr
+    port = free_port()
+    server = subprocess.Popen(
+        [deepcovid, "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: port_open(port) or server.poll() is not None, 60, "deepcovid serve")
+        assert server.poll() is None, server.stderr.read() if server.stderr else ""
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            token = re.search(r'name="csrf" value="([^"]+)"', client.get("/login").text)
+            assert token is not None
+            signed_in = client.post(
+                "/login", data={"username": "ada", "password": password, "csrf": token.group(1), "next": "/"}
+            )
+            assert signed_in.status_code == 303, signed_in.text
+            worklist = client.get("/jobs/1")
+            assert worklist.status_code == 200
+            viewers = re.findall(r'href="(/jobs/1/images/[^"]+)"', worklist.text)
+            assert len(viewers) == 8, "one row per image of the demo's job"
+            rendered = []
+            for viewer in viewers:
+                page = client.get(viewer.replace("&amp;", "&"))
+                assert page.status_code == 200
+                image = re.search(r'src="(/media/[^"]+/image\.png)"', page.text)
+                assert image is not None
+                rendered.append(client.get(image.group(1)).headers.get("content-type"))
+            assert rendered.count("image/png") == 6  # the two broken files have no picture to show
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
