@@ -21,6 +21,7 @@ calibrated before any threshold, since the thresholds were chosen on calibrated 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,12 +36,28 @@ from deepcovid.batches import normalize
 from deepcovid.bundle import POLICIES, Bundle, check_preprocessing, load_bundle, load_networks
 from deepcovid.cpu import cpu_inference_threads, cpu_streams, partition_networks
 from deepcovid.devices import resolve_device
+from deepcovid.int8 import load_int8_networks
 from deepcovid.networks import COVID_INDEX, prepare_network
-from deepcovid.precision import autocast_dtype, validated_bf16_drift
+from deepcovid.precision import autocast_dtype, int8_refusal, validated_bf16_drift, validated_int8_drift
 from deepcovid.preprocess import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE
 from deepcovid.results import ENSEMBLE_KEY, ImageResult
 from deepcovid.settings import Settings, get_settings
 from deepcovid.status import ImageStatus
+
+log = logging.getLogger(__name__)
+
+
+def _int8_reason(bundle: Bundle, precision: str, settings: Settings) -> str:
+    measured = validated_int8_drift(bundle)
+    if measured is None:  # int8_refusal has checked; only for the type checker
+        return "asked for"
+    drift, auc = measured
+    if precision == "int8" or settings.cpu_int8 == "on":
+        return f"asked for, drift gate skipped (measured {drift:.4f}, AUC change {auc:.4f})"
+    return (
+        f"validated within {drift:.4f} of fp32 (tolerance {settings.int8_tolerance:.4f}), AUC change "
+        f"up to {auc:.4f} on the bundle's validation images"
+    )
 
 
 @dataclass
@@ -134,8 +151,11 @@ class Ensemble:
         device: torch.device,
         autocast_dtype: torch.dtype | None,
         streams: int = 1,
+        *,
+        int8: bool = False,
     ) -> None:
         self.bundle = bundle
+        self.int8 = int8  # networks are deepcovid.int8.Int8Network: OpenVINO int8, fp32 elsewhere
         self.networks = dict(networks)
         self.device = device
         self.autocast_dtype = autocast_dtype
@@ -154,6 +174,8 @@ class Ensemble:
 
     @property
     def precision(self) -> str:
+        if self.int8:
+            return "int8"
         return "fp32" if self.autocast_dtype is None else str(self.autocast_dtype).removeprefix("torch.")
 
     @classmethod
@@ -175,6 +197,14 @@ class Ensemble:
         threads = cpu_inference_threads(settings.torch_threads, target, streams)
         if threads:
             torch.set_num_threads(threads)
+        refusal = int8_refusal(target, precision, settings, bundle)
+        if refusal is None:
+            log.info("scoring in int8: %s", _int8_reason(bundle, precision, settings))
+            int8 = load_int8_networks(bundle, cpu_inference_threads(settings.torch_threads, target, streams))
+            return cls(bundle, int8, target, None, streams, int8=True)
+        int8_wanted = precision == "auto" and target.type == "cpu" and settings.cpu_int8 != "off"
+        if precision == "int8" or int8_wanted:
+            log.info("not scoring in int8: %s", refusal)
         dtype = autocast_dtype(target, precision, settings, bundle)
         networks: dict[str, nn.Module] = {}
         for arch, model in load_networks(bundle).items():
