@@ -145,6 +145,8 @@ def policy_weights(policy: str, probabilities: Mapping[str, float]) -> dict[str,
 
 def explain_batch(ensemble: Ensemble, batch: torch.Tensor | np.ndarray) -> list[Explanation]:
     """Maps and explained probabilities for every image of a uint8 ``[B,3,224,224]`` batch."""
+    if ensemble.int8:
+        raise ValueError("Grad-CAM needs the torch networks: load the ensemble with DEEPCOVID_CPU_INT8=off")
     inputs = ensemble._prepare(torch.as_tensor(batch))
     per_arch = {
         arch: gradcam(
