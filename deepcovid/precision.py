@@ -64,11 +64,11 @@ def int8_refusal(device: torch.device, precision: str, settings: Settings, bundl
         return "int8 runs on CPU only"
     if precision == "auto" and settings.cpu_int8 == "off":
         return "DEEPCOVID_CPU_INT8 is off"
-    if (missing := engine_missing()) is not None:
-        return missing
     measured = validated_int8_drift(bundle)
     if measured is None:
         return f"bundle {bundle.bundle_id} carries no int8 networks (deepcovid bundle quantize makes them)"
+    if (missing := engine_missing()) is not None:
+        return missing
     if precision == "int8" or settings.cpu_int8 == "on":
         return None
     drift, auc = measured
