@@ -17,7 +17,8 @@ COPY db ./db
 COPY producer ./producer
 COPY worker ./worker
 COPY training ./training
-RUN pip install . \
+# openvino: CPU workers score in int8 where the bundle carries int8 networks that passed their drift check
+RUN pip install '.[openvino]' \
     && useradd --system --uid 1000 --home-dir /var/lib/deepcovid --create-home deepcovid
 
 USER deepcovid

@@ -19,7 +19,7 @@ DEMO_ARCHS ?= --arch resnet18 --arch resnet50 --arch squeezenet1_1 --arch densen
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,openvino]'  # openvino: the int8 tests run too
 	touch $@
 
 install: $(VENV)/.installed

@@ -11,6 +11,11 @@ Rows, all measured in one process and interleaved round by round (so load change
   combine), no reading or decoding; ``eager`` is the same with the bundle's networks as plain eval-mode
   modules (no BatchNorm folding), to show what loading buys.
 - decode ceiling: read + decode + preprocess only, with the pipeline's decode thread pool.
+- with ``--precision int8`` (OpenVINO, the ``openvino`` extra): the bundle gains int8 networks (forced on:
+  random weights), and at the largest batch size the same run also measures the worker and compute
+  ceiling in bf16 and the reference "OpenVINO int8 (NNCF default)" compute-only and end to end
+  (benchmarks/int8_rows.py); the last line gives the two ratios the int8 path is judged by.
+  ``--compare-cpu-streams N ...`` adds worker and ceiling rows with other CPU stream counts.
 
 Images: real chest X-rays from ../shared/data/cxr, resized to --size (default 1024x1024, 8-bit gray PNG),
 or synthetic X-ray-like images when that folder is absent. Weights are random (a 4-network bundle built
@@ -37,6 +42,13 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from int8_rows import (  # noqa: E402
+    REFERENCE,
+    int8_bundle,
+    reference_compute_runner,
+    reference_end_to_end_runner,
+    reference_models,
+)
 from machine import SHARED_DATA, describe, interleaved, median  # noqa: E402
 
 from deepcovid.batches import collate, normalize  # noqa: E402
@@ -234,7 +246,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--size", type=int, default=1024, help="side of the square test images")
     parser.add_argument("--format", choices=("PNG", "JPEG"), default="PNG")
-    parser.add_argument("--precision", default="auto", help="Ensemble precision: auto, fp32, fp16, bf16")
+    parser.add_argument(
+        "--precision", default="auto", help="Ensemble precision: auto, fp32, fp16, bf16, int8"
+    )
+    parser.add_argument(
+        "--compare-cpu-streams",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also run worker and ceiling at the largest batch size with these DEEPCOVID_CPU_STREAMS",
+    )
     parser.add_argument("--decode-threads", type=int, default=None, help="default: Settings (cores)")
     parser.add_argument("--torch-threads", type=int, default=None, help="default: Settings / torch's own")
     parser.add_argument(
@@ -264,7 +285,13 @@ def main() -> None:
         (root / "images").mkdir()
         paths, origin = make_images(root / "images", args.images, args.size, args.format)
         bundle = random_bundle(root / "bundle")
+        uint8 = [load_image(p.read_bytes())[0] for p in paths]
+        int8 = args.precision == "int8"
+        if int8:
+            bundle = int8_bundle(bundle, root / "bundle-int8", collate(uint8[:DISTINCT]))
         overrides: dict[str, object] = {"storage_roots": [root / "images"], "device": str(device)}
+        if int8:
+            overrides["cpu_int8"] = "on"
         if args.decode_threads:
             overrides["decode_threads"] = args.decode_threads
         if args.torch_threads is not None:
@@ -288,7 +315,6 @@ def main() -> None:
             f"precision {ensemble.precision}, compile {settings.compile}; medians of {args.repeats} "
             "interleaved rounds"
         )
-        uint8 = [load_image(p.read_bytes())[0] for p in paths]
         variants: dict[str, Callable[[], float]] = {}
         if not args.no_reference:
             ref_paths = paths[: args.reference_images] if args.reference_images else paths
@@ -319,6 +345,20 @@ def main() -> None:
                     )
             if not args.no_eager and size == max(sizes):
                 variants[f"eager/{size}"] = eager_runner(bundle, batch, len(paths), device)
+            for streams in args.compare_cpu_streams if size == max(sizes) else []:
+                other_settings = settings.model_copy(update={"cpu_streams": streams})
+                other = Ensemble.from_bundle(bundle, str(device), args.precision, settings=other_settings)
+                variants[f"worker/{size}/streams{streams}"] = worker_runner(other, paths, settings, size)
+                variants[f"ceiling/{size}/streams{streams}"] = ceiling_runner(other, batch, len(paths))
+            if int8 and size == max(sizes):
+                bf16 = Ensemble.from_bundle(bundle, str(device), "bf16", settings=settings)
+                variants[f"bf16-worker/{size}"] = worker_runner(bf16, paths, settings, size)
+                variants[f"bf16-ceiling/{size}"] = ceiling_runner(bf16, batch, len(paths))
+                models = reference_models(bundle, collate(uint8[:DISTINCT]))
+                variants[f"ov-reference-compute/{size}"] = reference_compute_runner(models, batch, len(paths))
+                variants[f"ov-reference-e2e/{size}"] = reference_end_to_end_runner(
+                    models, paths, size, settings.decode_threads
+                )
         # Warm-up (allocators, oneDNN kernels, cuDNN autotuning, torch.compile): one batch per size.
         for size in sizes:
             warm = collate([uint8[i % len(uint8)] for i in range(size)])
@@ -333,7 +373,7 @@ def main() -> None:
         if "reference" in variants:
             counts["reference"] = len(ref_paths)
         for name in variants:
-            if name.startswith(("ceiling", "eager")):
+            if name.startswith(("ceiling", "eager", "bf16-ceiling", "ov-reference-compute")):
                 batch_size = int(name.split("/")[1])
                 counts[name] = max(1, -(-len(paths) // batch_size)) * batch_size
         cpu_per_image = {name: [t / counts[name] for t in times] for name, times in cpu.items()}
@@ -351,6 +391,7 @@ def print_table(
     """The table; with ``cores`` (CPU runs) also the rate the cores allow when they decode and compute."""
     ref = median(rates["reference"]) if "reference" in rates else float("nan")
     decode_rate = median(rates["decode"])
+    int8_last: tuple[float, float] | None = None
     print()
     print(
         f"{'path':<44}{'batch':>6}{'images/s':>10}{'min..max':>16}{'x reference':>13}{'of ceiling':>12}"
@@ -386,6 +427,11 @@ def print_table(
                 f"{'  cores ceiling: cores / (compute + decode CPU s)':<44}{size:>6}{cores / both:>10.2f}"
                 f"{'':>16}{'':>13}{worker / (cores / both):>12.0%}  (worker's share)"
             )
+        for key in sorted(k for k in rates if k.startswith(f"worker/{size}/streams")):
+            streams = key.rsplit("/streams", 1)[1]
+            streams_ceiling = median(rates[f"ceiling/{size}/streams{streams}"])
+            row(f"  worker with {streams} CPU stream(s)", str(size), key, streams_ceiling)
+            row(f"  ceiling with {streams} CPU stream(s)", str(size), f"ceiling/{size}/streams{streams}")
         for key in sorted(k for k in rates if k.startswith(f"worker/{size}/torch")):
             threads = key.rsplit("/torch", 1)[1]
             thread_ceiling = median(rates[f"ceiling/{size}/torch{threads}"])
@@ -396,11 +442,26 @@ def print_table(
                 row(label, str(size), f"eager/{size}/torch{threads}", thread_ceiling)
         if f"eager/{size}" in rates:
             row("  eager networks (no BN folding)", str(size), f"eager/{size}", ceiling)
+        if f"bf16-worker/{size}" in rates:
+            bf16_ceiling = median(rates[f"bf16-ceiling/{size}"])
+            row("bf16 worker: score_chunk end to end", str(size), f"bf16-worker/{size}", bf16_ceiling)
+            row("bf16 compute ceiling: Ensemble.score", str(size), f"bf16-ceiling/{size}")
+            row(f"{REFERENCE}, end to end", str(size), f"ov-reference-e2e/{size}")
+            row(f"{REFERENCE}, compute only", str(size), f"ov-reference-compute/{size}")
+            int8_last = (
+                median(rates[f"ceiling/{size}"]) / median(rates[f"ov-reference-compute/{size}"]),
+                median(rates[f"worker/{size}"]) / median(rates[f"bf16-worker/{size}"]),
+            )
     print(
         f"(images per round: {count}; 'of ceiling': share of the compute ceiling at the same batch size; "
         "'of decode': share of the decode-only rate; 'CPU s/img': process CPU time per image, all threads; "
         "'cores ceiling': the rate the CPU cores allow when they both decode and run the networks)"
     )
+    if int8_last is not None:
+        print(
+            f"int8 compute vs OpenVINO int8 reference: {int8_last[0]:.2f}x; "
+            f"int8 end to end vs bf16 end to end: {int8_last[1]:.2f}x"
+        )
 
 
 if __name__ == "__main__":

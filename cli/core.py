@@ -144,6 +144,18 @@ def _manifest_rows(bundle: Bundle) -> list[tuple[str, str]]:
     for title, values in (("provenance", bundle.provenance), ("metrics", bundle.metrics)):
         text = "\n".join(f"{k}: {human(v)}" for k, v in values.items())
         rows.append((title, text or "-"))
+    int8 = (manifest.get("int8") or {}).get("networks") or {}
+    if int8:
+        rows.append(
+            (
+                "int8",
+                "\n".join(
+                    f"{a}  drift {human(d['max_abs_diff'])}  AUC {score(d['auc_fp32']) or 'n/a'} -> "
+                    f"{score(d['auc_int8']) or 'n/a'}"
+                    for a, d in int8.items()
+                ),
+            )
+        )
     files = manifest["files"].items()
     listed = (f"{n}  {human(e['size'] / 1e6, 1)} MB  sha256 {e['sha256'][:16]}…" for n, e in files)
     rows.append(("files", "\n".join(listed)))

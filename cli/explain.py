@@ -45,7 +45,9 @@ def explain_command(
     loaded = _bundle(bundle)
     names = _maps(arch, loaded.architectures)
     _writable(out)
-    ensemble = Ensemble.from_bundle(loaded, device=device)
+    # Grad-CAM needs the torch networks' gradients: never the int8 ones (bf16/fp32 as a worker falls back).
+    no_int8 = get_settings().model_copy(update={"cpu_int8": "off"})
+    ensemble = Ensemble.from_bundle(loaded, device=device, settings=no_int8)
     index: list[tuple[str, str, str, str, str]] = []
     failed = 0
     for number, image in enumerate(images, start=1):

@@ -84,6 +84,7 @@ bundle_app.command("show")(guarded(core.bundle_show_command))
 bundle_app.command("register")(guarded(training.register_command))
 bundle_app.command("promote")(guarded(training.promote_command))
 bundle_app.command("list")(guarded(training.list_command))
+bundle_app.command("quantize")(guarded(training.quantize_command))
 
 db_app.command("upgrade")(guarded(db.upgrade_command))
 db_app.command("downgrade")(guarded(db.downgrade_command))

@@ -1,4 +1,4 @@
-"""Training commands: train, evaluate, bundle register, bundle promote, demo-data.
+"""Training commands: train, evaluate, bundle register, bundle promote, bundle quantize, demo-data.
 
 Thin over ``training``: each command parses options, calls one domain function and prints what it returns.
 Training modules load torch, so they are imported inside the commands.
@@ -15,7 +15,7 @@ from rich.logging import RichHandler
 
 from cli.render import err_console, fail, group_table, human, probe_table, rows_table, score, show, warning
 from deepcovid import defaults
-from deepcovid.bundle import BundleError, load_bundle
+from deepcovid.bundle import Bundle, BundleError, load_bundle
 from deepcovid.errors import UserError
 from deepcovid.exitcodes import ExitCode
 from deepcovid.networks import PretrainedWeightsUnavailable
@@ -166,6 +166,14 @@ def train_command(
             min=0, help="Validation images scored in bf16 and fp32; CPU workers use bf16 only if they agree."
         ),
     ] = TrainArgs.bf16_check_images,
+    int8_calibration_images: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Training images calibrating int8 networks for CPU workers (needs deepcovid[openvino]); "
+            "0: none.",
+        ),
+    ] = TrainArgs.int8_calibration_images,
 ) -> None:
     """Fine-tune the networks on labelled X-rays; write a bundle with thresholds chosen on validation data."""
     options = dict(locals())  # every parameter is the TrainArgs field of the same name
@@ -198,6 +206,76 @@ def train_command(
         err_console.print(
             f"  bf16 vs fp32 on validation: up to {human(worst)} (tolerance {human(tolerance)}): {verdict}"
         )
+    _print_int8(bundle)
+
+
+def _print_int8(bundle: Bundle) -> None:
+    """The int8 drift the bundle records, per network, and whether CPU workers will use int8."""
+    from deepcovid.precision import int8_refusal  # torch: kept out of CLI start-up
+
+    networks = (bundle.manifest.get("int8") or {}).get("networks") or {}
+    for arch, drift in networks.items():
+        err_console.print(
+            f"  int8 vs fp32 on validation, {arch}: up to {human(drift['max_abs_diff'])}, AUC "
+            f"{score(drift['auc_fp32']) or 'n/a'} -> {score(drift['auc_int8']) or 'n/a'}",
+            highlight=False,
+        )
+    if networks:
+        import torch
+
+        refusal = int8_refusal(torch.device("cpu"), "auto", get_settings(), bundle)
+        verdict = "CPU workers use int8" if refusal is None else f"CPU workers do not use int8: {refusal}"
+        err_console.print(f"  {verdict}", highlight=False)
+
+
+def quantize_command(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory to add int8 networks to.")],
+    calibration: Annotated[
+        Path,
+        typer.Option(
+            help="Labelled X-rays (CSV or class folders), split as the bundle's training split them: "
+            "training images calibrate, validation images measure the drift."
+        ),
+    ],
+    out: Annotated[
+        Optional[Path], typer.Option(help="New bundle directory; default: BUNDLE-int8 beside it.")
+    ] = None,
+    calibration_images: Annotated[
+        int, typer.Option(min=1, help="Training images calibrating the int8 activation ranges.")
+    ] = defaults.INT8_CALIBRATION_IMAGES,
+    val_fraction: Annotated[
+        Optional[float], typer.Option(help="Validation share; default: the bundle's training run's.")
+    ] = None,
+    seed: Annotated[
+        Optional[int], typer.Option(help="Split seed; default: the bundle's training run's.")
+    ] = None,
+) -> None:
+    """Write a copy of a bundle with int8 networks for CPU workers and their measured drift (a new id)."""
+    # torch, OpenVINO: kept out of CLI start-up
+    from deepcovid.int8 import engine_missing
+    from training.quantize import quantize_bundle
+
+    _setup_logging()
+    target = out or bundle.parent / f"{bundle.name}-int8"
+    if (missing := engine_missing()) is not None:
+        raise fail(missing)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise fail(f"{target} already exists; choose a new --out")
+    try:
+        made = quantize_bundle(
+            bundle,
+            calibration,
+            target,
+            calibration_images=calibration_images,
+            val_fraction=val_fraction,
+            seed=seed,
+        )
+    except (BundleError, ValueError) as exc:  # training.data.DataError is a ValueError
+        raise fail(str(exc)) from None
+    err_console.print(
+        f"bundle [bold]{made.bundle_id}[/] with int8 networks written to {made.path}", highlight=False
+    )
+    _print_int8(made)
 
 
 def evaluate_command(

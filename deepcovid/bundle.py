@@ -27,6 +27,7 @@ import numpy as np
 from deepcovid import defaults
 from deepcovid.manifest import (
     FORMAT_VERSION,
+    INT8_KEY,
     MANIFEST,
     POLICIES,
     REQUIRED_KEYS,
@@ -190,11 +191,13 @@ def save_bundle(
     provenance: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
     created_at: str | None = None,
+    int8: tuple[Mapping[str, bytes], Mapping[str, Any]] | None = None,
 ) -> Bundle:
     """Write ``networks`` as a bundle in the new (or empty) directory ``out`` and return it, verified.
 
     The directory appears only when complete (written beside it, then renamed). Thresholds default to
-    0.5 and temperatures to 1; ``created_at`` defaults to now (UTC) and is part of the id.
+    0.5 and temperatures to 1; ``created_at`` defaults to now (UTC) and is part of the id. ``int8``: the
+    int8 networks' files (name to bytes) and their manifest record (``deepcovid.int8.int8_record``).
     """
     import torch  # torch: only the functions that touch weights import it, so manifests read light
     import torchvision
@@ -225,6 +228,9 @@ def save_bundle(
             path = staging / weights_filename(arch)
             save_file(_state_dict_for_safetensors(networks[arch]), str(path), metadata={"arch": arch})
             files[path.name] = {"sha256": _sha256_file(path), "size": path.stat().st_size}
+        for name, data in (int8[0] if int8 else {}).items():
+            (staging / name).write_bytes(data)
+            files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
         manifest: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "architectures": architectures,
@@ -245,6 +251,8 @@ def save_bundle(
             "framework": {"torch": torch.__version__, "torchvision": torchvision.__version__},
             "files": files,
         }
+        if int8:
+            manifest[INT8_KEY] = dict(int8[1])
         manifest["bundle_id"] = compute_bundle_id(manifest)
         (staging / MANIFEST).write_text(
             json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8"

@@ -63,6 +63,15 @@ BF16_TOLERANCE = 0.01
 BF16_CHECK_IMAGES = 512
 """Validation images ``train`` scores in bf16 and fp32 to measure the drift (0 skips the check)."""
 
+INT8_TOLERANCE = 0.01
+"""Largest |int8 - fp32| COVID probability on validation images that lets CPU workers use int8."""
+
+INT8_AUC_CHANGE = 0.005
+"""Largest change of any network's validation ROC AUC, int8 against fp32, that lets CPU workers use int8."""
+
+INT8_CALIBRATION_IMAGES = 300
+"""Training images that calibrate the int8 activation ranges (NNCF's default subset size is 300)."""
+
 ENSEMBLE_THRESHOLD = 0.5
 """Threshold of each network and of the ensemble where no training chose one (``bundle init``)."""
 

@@ -21,6 +21,7 @@ calibrated before any threshold, since the thresholds were chosen on calibrated 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,12 +37,28 @@ from deepcovid.bundle import POLICIES, Bundle, check_preprocessing, load_bundle,
 from deepcovid.cpu import cpu_inference_threads, cpu_streams, partition_networks
 from deepcovid.devices import resolve_device
 from deepcovid.gradcam import capture_layer
+from deepcovid.int8 import load_int8_networks
 from deepcovid.networks import COVID_INDEX, prepare_network
-from deepcovid.precision import autocast_dtype, validated_bf16_drift
+from deepcovid.precision import autocast_dtype, int8_refusal, validated_bf16_drift, validated_int8_drift
 from deepcovid.preprocess import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE
 from deepcovid.results import ENSEMBLE_KEY, ImageResult
 from deepcovid.settings import Settings, get_settings
 from deepcovid.status import ImageStatus
+
+log = logging.getLogger(__name__)
+
+
+def _int8_reason(bundle: Bundle, precision: str, settings: Settings) -> str:
+    measured = validated_int8_drift(bundle)
+    if measured is None:  # int8_refusal has checked; only for the type checker
+        return "asked for"
+    drift, auc = measured
+    if precision == "int8" or settings.cpu_int8 == "on":
+        return f"asked for, drift gate skipped (measured {drift:.4f}, AUC change {auc:.4f})"
+    return (
+        f"validated within {drift:.4f} of fp32 (tolerance {settings.int8_tolerance:.4f}), AUC change "
+        f"up to {auc:.4f} on the bundle's validation images"
+    )
 
 
 @dataclass
@@ -138,8 +155,11 @@ class Ensemble:
         device: torch.device,
         autocast_dtype: torch.dtype | None,
         streams: int = 1,
+        *,
+        int8: bool = False,
     ) -> None:
         self.bundle = bundle
+        self.int8 = int8  # networks are deepcovid.int8.Int8Network: OpenVINO int8, fp32 elsewhere
         self.networks = dict(networks)
         self.device = device
         self.autocast_dtype = autocast_dtype
@@ -151,6 +171,7 @@ class Ensemble:
         self.temperatures = {arch: bundle.temperatures[arch] for arch in self.architectures}
         self.policy = bundle.ensemble_policy
         self.ensemble_threshold = bundle.ensemble_threshold
+        self._explainer: Ensemble | None = None
 
     @property
     def bundle_id(self) -> str:
@@ -158,6 +179,8 @@ class Ensemble:
 
     @property
     def precision(self) -> str:
+        if self.int8:
+            return "int8"
         return "fp32" if self.autocast_dtype is None else str(self.autocast_dtype).removeprefix("torch.")
 
     @classmethod
@@ -179,6 +202,14 @@ class Ensemble:
         threads = cpu_inference_threads(settings.torch_threads, target, streams)
         if threads:
             torch.set_num_threads(threads)
+        refusal = int8_refusal(target, precision, settings, bundle)
+        if refusal is None:
+            log.info("scoring in int8: %s", _int8_reason(bundle, precision, settings))
+            int8 = load_int8_networks(bundle, cpu_inference_threads(settings.torch_threads, target, streams))
+            return cls(bundle, int8, target, None, streams, int8=True)
+        int8_wanted = precision == "auto" and target.type == "cpu" and settings.cpu_int8 != "off"
+        if precision == "int8" or int8_wanted:
+            log.info("not scoring in int8: %s", refusal)
         dtype = autocast_dtype(target, precision, settings, bundle)
         networks: dict[str, nn.Module] = {}
         for arch, model in load_networks(bundle).items():
@@ -187,6 +218,16 @@ class Ensemble:
                 model = torch.compile(model)
             networks[arch] = model
         return cls(bundle, networks, target, dtype, streams)
+
+    @property
+    def explainer(self) -> Ensemble:
+        """The ensemble Grad-CAM runs on: this one, or, when the networks are int8 (compiled OpenVINO models
+        keep no activations), the bundle's fp32 torch networks, loaded on the first map asked for."""
+        if not self.int8:
+            return self
+        if self._explainer is None:
+            self._explainer = Ensemble.from_bundle(self.bundle, str(self.device), precision="fp32")
+        return self._explainer
 
     @property
     def bf16_drift(self) -> float | None:
@@ -279,8 +320,9 @@ class Ensemble:
 
     def score(self, batch: torch.Tensor, *, keep_activations: bool = False) -> ScoreBatch:
         """Probabilities, per-network decisions and the ensemble decision for one uint8 batch;
-        ``keep_activations``: with what ``deepcovid.explain.explain_scored`` makes maps from."""
-        activations: dict[str, torch.Tensor] | None = {} if keep_activations else None
+        ``keep_activations``: with what ``deepcovid.explain.explain_scored`` makes maps from (never for
+        int8 networks: their maps come from ``explainer``)."""
+        activations: dict[str, torch.Tensor] | None = {} if keep_activations and not self.int8 else None
         scored = combine(
             self.probabilities(batch, activations), self.thresholds, self.policy, self.ensemble_threshold
         )

@@ -145,7 +145,9 @@ def policy_weights(policy: str, probabilities: Mapping[str, float]) -> dict[str,
 
 
 def explain_batch(ensemble: Ensemble, batch: torch.Tensor | np.ndarray) -> list[Explanation]:
-    """Maps and explained probabilities for every image of a uint8 ``[B,3,224,224]`` batch."""
+    """Maps and explained probabilities for every image of a uint8 ``[B,3,224,224]`` batch (by the torch
+    networks: an int8 ensemble's maps come from its ``explainer``)."""
+    ensemble = ensemble.explainer
     scored = ensemble.score(torch.as_tensor(batch), keep_activations=True)
     return explain_scored(ensemble, scored, range(len(scored)))
 

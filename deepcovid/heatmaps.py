@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from deepcovid.artifacts import ArtifactError, ArtifactStore, artifact_key
 from deepcovid.explain import CropGeometry, Explanation, explain_scored
@@ -128,9 +129,14 @@ def attach_heatmaps(
     mode: HeatmapMode,
     store: ArtifactStore,
     propagate: tuple[type[BaseException], ...] = (),
+    inputs: torch.Tensor | None = None,
 ) -> None:
     """Make, store and attach (``result.heatmap``) the maps ``mode`` asks for of a batch just scored with
     ``keep_activations``; ``sizes`` are the images' (width, height) as displayed.
+
+    An int8 ensemble keeps no activations: the chosen images of ``inputs`` (the batch it scored, still in
+    memory) go once more through its fp32 ``explainer``, so those maps explain the fp32 probability, which
+    the int8 gate keeps within ``DEEPCOVID_INT8_TOLERANCE`` of the stored one.
 
     Failing to make or store a map fails only that map: the result stays scored, and ``heatmap.error``
     says why (never a URI or path). ``propagate``: exceptions that must end the chunk (time limits).
@@ -140,7 +146,15 @@ def attach_heatmaps(
         return
     geometries = {i: CropGeometry.for_size(*sizes[i]) for i in chosen}
     try:
-        explanations = explain_scored(ensemble, scored, chosen)
+        if ensemble.int8:
+            if inputs is None:
+                raise ValueError("an int8 ensemble's maps need the scored inputs")
+            picked = inputs[torch.as_tensor(chosen, dtype=torch.long)]
+            explainer = ensemble.explainer
+            rescored = explainer.score(picked, keep_activations=True)
+            explanations = explain_scored(explainer, rescored, range(len(chosen)))
+        else:
+            explanations = explain_scored(ensemble, scored, chosen)
     except propagate:
         raise
     except Exception as exc:

@@ -22,6 +22,9 @@ from deepcovid.networks import ARCHITECTURES, CLASSES, RELU_HEAD_ARCHITECTURES
 FORMAT_VERSION = 2
 SUPPORTED_FORMAT_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
+# Optional: int8 networks (OpenVINO IR, extra files pinned like the weights) and their measured drift. A
+# reader that ignores them scores the safetensors weights correctly, so they need no new format version.
+INT8_KEY = "int8"
 POLICIES = ("mean", "majority", "any")
 BUNDLE_ID_LENGTH = 16
 REQUIRED_KEYS = (
@@ -98,6 +101,8 @@ def check_manifest_contents(path: Path, manifest: dict[str, Any]) -> None:
             raise BundleError(f"bundle {path}: no threshold for {arch}")
     if manifest["format_version"] >= 2:
         _check_version2(path, manifest)
+    if INT8_KEY in manifest:
+        _check_int8(path, manifest)
     if manifest["ensemble"].get("policy") not in POLICIES:
         raise BundleError(f"bundle {path}: unknown ensemble policy {manifest['ensemble'].get('policy')!r}")
 
@@ -114,3 +119,17 @@ def _check_version2(path: Path, manifest: dict[str, Any]) -> None:
             raise BundleError(f"bundle {path}: temperature for {arch} must be a positive number: {value!r}")
     if any(arch not in RELU_HEAD_ARCHITECTURES or arch not in manifest["architectures"] for arch in relu):
         raise BundleError(f"bundle {path}: head_relu names networks without such a head: {relu}")
+
+
+def _check_int8(path: Path, manifest: dict[str, Any]) -> None:
+    """An int8 record names, for every network, files the manifest pins and the drift measured."""
+    record = manifest[INT8_KEY]
+    networks = record.get("networks") if isinstance(record, dict) else None
+    if not isinstance(networks, dict) or set(networks) != set(manifest["architectures"]):
+        raise BundleError(f"bundle {path}: the int8 record must cover every network of the bundle")
+    for arch, entry in networks.items():
+        names = entry.get("files") if isinstance(entry, dict) else None
+        if not isinstance(names, list) or not names or any(name not in manifest["files"] for name in names):
+            raise BundleError(f"bundle {path}: the int8 files of {arch} are not pinned in the manifest")
+        if not isinstance(entry.get("max_abs_diff"), (int, float)):
+            raise BundleError(f"bundle {path}: the int8 record of {arch} lacks its measured drift")

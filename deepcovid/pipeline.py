@@ -133,7 +133,7 @@ def _score_batch(
         from deepcovid.heatmaps import attach_heatmaps  # torch, as above
 
         sizes = [(int(p.info["width"]), int(p.info["height"])) for _, p in pending]
-        attach_heatmaps(ensemble, batch, results, sizes, maps.mode, maps.store, propagate)
+        attach_heatmaps(ensemble, batch, results, sizes, maps.mode, maps.store, propagate, inputs)
     return [(i, result) for (i, _), result in zip(pending, results, strict=True)]
 
 

@@ -1,7 +1,10 @@
-"""Which precision scores: fp32, or bf16 on CPU only where training measured it safe for the bundle.
+"""Which precision scores: fp32, or bf16/int8 on CPU only where training measured it safe for the bundle.
 
 bf16 on CPU needs bf16 instructions (elsewhere oneDNN emulates it, slower than fp32) and a bundle whose
 training recorded, on validation images, that bf16 moves no COVID probability by more than the tolerance.
+int8 needs the optional OpenVINO engine and a bundle carrying int8 networks whose recorded drift is within
+the int8 tolerance and whose validation AUCs moved by at most ``defaults.INT8_AUC_CHANGE``; otherwise
+workers fall back to bf16/fp32 as above and log why.
 """
 
 from __future__ import annotations
@@ -13,16 +16,19 @@ from typing import Literal
 import torch
 from torch import nn
 
+from deepcovid import defaults
 from deepcovid.batches import normalize
 from deepcovid.bundle import Bundle
 from deepcovid.cpu import cpu_has_native_bf16
+from deepcovid.int8 import engine_missing
+from deepcovid.manifest import INT8_KEY
 from deepcovid.networks import COVID_INDEX
 from deepcovid.settings import Settings
 
 log = logging.getLogger(__name__)
 
-Precision = Literal["auto", "fp32", "fp16", "bf16"]
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+Precision = Literal["auto", "fp32", "fp16", "bf16", "int8"]
+PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
 
 BF16_CHECK_KEY = "bf16_max_abs_diff"  # in a bundle's validation metrics: per network, measured by `train`
 
@@ -36,6 +42,44 @@ def validated_bf16_drift(bundle: Bundle) -> float | None:
     return max(float(recorded[arch]) for arch in bundle.architectures)
 
 
+def validated_int8_drift(bundle: Bundle) -> tuple[float, float] | None:
+    """The largest |int8 - fp32| COVID probability and the largest |AUC change| that quantization measured
+    on this bundle's validation images (any network), or None when the bundle carries no int8 networks."""
+    networks = (bundle.manifest.get(INT8_KEY) or {}).get("networks") or {}
+    if any(arch not in networks for arch in bundle.architectures):
+        return None
+    drift = max(float(networks[arch]["max_abs_diff"]) for arch in bundle.architectures)
+    changes = [networks[arch].get("auc_change") for arch in bundle.architectures]
+    # No AUC (one class among the validation images) proves nothing: treated as failing the gate.
+    auc = max(abs(float(c)) if c is not None else float("inf") for c in changes)
+    return drift, auc
+
+
+def int8_refusal(device: torch.device, precision: str, settings: Settings, bundle: Bundle) -> str | None:
+    """None when this ensemble scores in int8; otherwise why not (logged by the caller when int8 was an
+    option). ``precision="int8"`` or ``DEEPCOVID_CPU_INT8=on`` skip the drift gate, not the checks."""
+    if precision not in ("auto", "int8"):
+        return f"precision {precision} was asked for"
+    if device.type != "cpu":
+        return "int8 runs on CPU only"
+    if precision == "auto" and settings.cpu_int8 == "off":
+        return "DEEPCOVID_CPU_INT8 is off"
+    measured = validated_int8_drift(bundle)
+    if measured is None:
+        return f"bundle {bundle.bundle_id} carries no int8 networks (deepcovid bundle quantize makes them)"
+    if (missing := engine_missing()) is not None:
+        return missing
+    if precision == "int8" or settings.cpu_int8 == "on":
+        return None
+    drift, auc = measured
+    tolerance, auc_limit = settings.int8_tolerance, defaults.INT8_AUC_CHANGE
+    if drift > tolerance:
+        return f"int8 moved validation probabilities by up to {drift:.4f} (tolerance {tolerance:.4f})"
+    if auc > auc_limit:
+        return f"int8 changed a validation AUC by {auc:.4f} (at most {auc_limit:.4f} allowed)"
+    return None
+
+
 def autocast_dtype(
     device: torch.device, precision: str, settings: Settings, bundle: Bundle | None = None
 ) -> torch.dtype | None:
@@ -43,6 +87,8 @@ def autocast_dtype(
     ``auto`` mode bf16 needs bf16 instructions and a bundle validated in bf16 within the tolerance."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if precision == "int8":  # asked for int8 but it cannot run: fall back as auto would
+        precision = "auto"
     if precision == "fp32":
         return None
     if device.type == "cuda":

@@ -102,6 +102,11 @@ class Settings(BaseSettings):
     # probabilities within bf16_tolerance of fp32 on its validation images; on: always; off: fp32.
     cpu_bf16: Literal["auto", "on", "off"] = "auto"
     bf16_tolerance: float = defaults.BF16_TOLERANCE  # largest |bf16 - fp32| validation probability for bf16
+    # int8 on CPU (OpenVINO, the `openvino` extra). auto: where the bundle carries int8 networks whose
+    # measured drift on validation images is within int8_tolerance and whose AUCs moved by at most
+    # defaults.INT8_AUC_CHANGE, else bf16/fp32 as above; on: whenever the bundle carries them; off: never.
+    cpu_int8: Literal["auto", "on", "off"] = "auto"
+    int8_tolerance: float = defaults.INT8_TOLERANCE  # largest |int8 - fp32| validation probability for int8
     cpu_streams: int = 0  # networks run side by side on CPU; 0: one per core (at most one per network)
     torch_threads: int = 0  # per CPU stream; 0: the cores shared out between streams; on CUDA torch decides
     compile: bool = False  # torch.compile on CUDA
@@ -144,7 +149,7 @@ class Settings(BaseSettings):
     # Behind a TLS-terminating proxy: trust its X-Forwarded-Proto to mark session cookies Secure.
     trust_forwarded_proto: bool = False
 
-    @field_validator("cpu_bf16", mode="before")
+    @field_validator("cpu_bf16", "cpu_int8", mode="before")
     @classmethod
     def _bf16_switch(cls, value: object) -> object:
         """Booleans (``true``/``1``/``false``/``0``) as well as auto/on/off."""

@@ -112,6 +112,7 @@ class TrainArgs:
     deterministic: bool = True
     progress: bool = True
     bf16_check_images: int = defaults.BF16_CHECK_IMAGES
+    int8_calibration_images: int = defaults.INT8_CALIBRATION_IMAGES  # 0: no int8 networks in the bundle
 
     def __post_init__(self) -> None:
         self.data = Path(self.data)

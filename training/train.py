@@ -32,6 +32,7 @@ from torchvision.transforms import v2
 from deepcovid.batches import normalize
 from deepcovid.bundle import Bundle, save_bundle
 from deepcovid.devices import resolve_device
+from deepcovid.int8 import engine_missing
 from deepcovid.networks import COVID_INDEX, build_network, freeze_backbone, head_parameters, set_train_mode
 from deepcovid.precision import BF16_CHECK_KEY
 from deepcovid.settings import get_settings
@@ -44,6 +45,7 @@ from training.metrics import roc_auc
 from training.optim import lr_at, make_ema, make_optimizer, set_lr
 from training.progress import EpochBar, progress_display
 from training.provenance import provenance
+from training.quantize import calibration_subset, quantize_models
 from training.speed import BF16_AUC_TOLERANCE, label, loader_workers, set_training_threads, training_dtype
 from training.validation import POLICY, ValidationRecord, bf16_check, validation_record
 
@@ -433,6 +435,25 @@ def _validate(
     return record
 
 
+def _int8(
+    fits: dict[str, FitResult],
+    train: DecodedSet,
+    val: DecodedSet,
+    args: TrainArgs,
+    temperatures: dict[str, float],
+) -> tuple[dict[str, bytes], dict[str, Any]] | None:
+    """int8 networks calibrated on training images and checked on validation, when asked for and the
+    optional engine is installed (else the bundle serves bf16/fp32 only, and the log says so)."""
+    if args.int8_calibration_images <= 0:
+        return None
+    if (missing := engine_missing()) is not None:
+        log.warning("bundle without int8 networks: %s", missing)
+        return None
+    models = {arch: fit.model.to("cpu").float() for arch, fit in fits.items()}
+    calibration = calibration_subset(train.images, args.int8_calibration_images, args.seed)
+    return quantize_models(models, calibration, val.images, val.labels.numpy(), temperatures)
+
+
 def _report_on_test(bundle: Bundle, test: Sequence[Sample], args: TrainArgs) -> None:
     """Evaluate the new bundle on the held-out test samples as ``deepcovid evaluate`` would."""
     report_dir = args.effective_report_dir
@@ -459,6 +480,7 @@ def main(args: TrainArgs) -> Bundle:
             }
 
     record = _validate(fits, val, args, device)
+    int8 = _int8(fits, train, val, args, record.temperatures)
     states = {arch: fit.state for arch, fit in fits.items()}
     made = provenance(args, split, (train, val), states, device, started_at=started_at, clock=clock)
     bundle = save_bundle(
@@ -470,6 +492,7 @@ def main(args: TrainArgs) -> Bundle:
         ensemble_threshold=record.ensemble_threshold,
         provenance=made,
         metrics={"validation": record.metrics},
+        int8=int8,
     )
     log.info("wrote bundle %s to %s", bundle.bundle_id, args.out)
     if split.test:

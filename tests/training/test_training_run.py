@@ -129,3 +129,27 @@ def test_the_bundle_records_the_temperature_fitted_on_validation(trained) -> Non
     assert validation["temperature"][TRAIN_ARCH] == pytest.approx(temperature, abs=1e-6)
     ece = validation["calibration"][TRAIN_ARCH]
     assert ece["temperature"] == pytest.approx(temperature)
+
+
+def test_int8_probabilities_of_the_trained_bundle_are_within_tolerance_of_fp32(trained) -> None:
+    """``train`` quantized the network, calibrated on its training images; on the validation images the
+    worker's int8 path stays within DEEPCOVID_INT8_TOLERANCE of fp32, as the manifest records."""
+    pytest.importorskip(
+        "openvino", reason="int8 needs the optional engine: pip install 'deepcovid[openvino]'"
+    )
+    from deepcovid.ensemble import Ensemble
+    from deepcovid.settings import Settings
+    from training.data import decode_samples
+
+    bundle, args, _ = trained
+    drift = bundle.manifest["int8"]["networks"][TRAIN_ARCH]
+    settings = Settings(cpu_int8="auto")
+    assert drift["max_abs_diff"] <= settings.int8_tolerance
+    split = split_samples(load_labelled(args.data), val_fraction=args.val_fraction, seed=args.seed)
+    images = decode_samples(split.val).images
+    int8 = Ensemble.from_bundle(bundle, device="cpu", settings=settings)
+    fp32 = Ensemble.from_bundle(bundle, device="cpu", precision="fp32", settings=settings)
+    assert int8.label == "cpu int8"  # the gate passed: drift and AUC change within their limits
+    moved = abs(int8.probabilities(images)[TRAIN_ARCH] - fp32.probabilities(images)[TRAIN_ARCH]).max()
+    assert moved <= settings.int8_tolerance
+    assert moved == pytest.approx(drift["max_abs_diff"], abs=2e-3)
