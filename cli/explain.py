@@ -45,7 +45,7 @@ def explain_command(
     loaded = _bundle(bundle)
     names = _maps(arch, loaded.architectures)
     _writable(out)
-    # Grad-CAM needs the torch networks' gradients: never the int8 ones (bf16/fp32 as a worker falls back).
+    # Grad-CAM reads the torch networks' activations: load those, not the int8 ones (which keep none).
     no_int8 = get_settings().model_copy(update={"cpu_int8": "off"})
     ensemble = Ensemble.from_bundle(loaded, device=device, settings=no_int8)
     index: list[tuple[str, str, str, str, str]] = []

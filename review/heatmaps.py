@@ -128,7 +128,9 @@ class HeatmapSource:
             except BundleError as exc:
                 raise HeatmapUnavailable(str(exc)) from None
             self._ensembles.clear()  # one bundle's networks in memory at a time
-            self._ensembles[bundle_id] = Ensemble.from_bundle(bundle, device="cpu", settings=self.settings)
+            # Grad-CAM reads the torch networks' activations: load those, not the int8 ones (which keep none).
+            no_int8 = self.settings.model_copy(update={"cpu_int8": "off"})
+            self._ensembles[bundle_id] = Ensemble.from_bundle(bundle, device="cpu", settings=no_int8)
         return self._ensembles[bundle_id]
 
 
