@@ -69,7 +69,7 @@ def decode_dicom(
     """Decode a DICOM Part 10 file; raises ``DecodeError`` for what this screener refuses or cannot read.
 
     ``transform`` runs on the pixels while their bytes are still held against the decode budget;
-    ``eligibility`` rules are checked on the header first (``not_eligible``).
+    ``eligibility`` rules are checked on the header before any pixel is decoded (``not_eligible``).
     """
     # Value-validation warnings could quote element values (patient names among them).
     config.settings.reading_validation_mode = config.IGNORE
@@ -77,9 +77,6 @@ def decode_dicom(
         ds = dcmread(io.BytesIO(data), force=False)
     except (EOFError, struct.error) as exc:
         raise DecodeError("truncated", f"DICOM header ends early: {describe(exc)}") from exc
-    if eligibility is not None:
-        eligibility.check(lambda keyword: _text(ds, keyword))
-
     if "PixelData" not in ds:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             raise DecodeError("unsupported_dicom", "floating-point pixel data")
@@ -87,6 +84,9 @@ def decode_dicom(
             # pydicom drops an element the file ends inside: a partial transfer, not an unsupported file.
             raise DecodeError("truncated", "the file ends inside its pixel data")
         raise DecodeError("unsupported_dicom", "no pixel data (or the file ends before it)")
+    # After the pixel-data checks: a file cut short reads as an empty header; it is truncated, not ineligible.
+    if eligibility is not None:
+        eligibility.check(lambda keyword: _text(ds, keyword))
     modality = str(ds.get("Modality", "") or "").strip().upper()
     if modality not in PROJECTION_MODALITIES:
         raise DecodeError(
