@@ -450,7 +450,8 @@ def _int8(
         log.warning("bundle without int8 networks: %s", missing)
         return None
     models = {arch: fit.model.to("cpu").float() for arch, fit in fits.items()}
-    calibration = calibration_subset(train.images, args.int8_calibration_images, args.seed)
+    # Training images are cached larger than the input, for the crops; calibrate on what workers score.
+    calibration = to_input_size(calibration_subset(train.images, args.int8_calibration_images, args.seed))
     return quantize_models(models, calibration, val.images, val.labels.numpy(), temperatures)
 
 

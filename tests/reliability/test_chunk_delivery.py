@@ -39,16 +39,17 @@ def test_soft_time_limit_in_the_recommended_gpu_mode_loses_no_image(
     reliability_stack: ReliabilityStack, tmp_path: Path
 ) -> None:
     """README: one prefork process per GPU (``--pool prefork -c 1``). Run that way on CPU with a 3 s soft
-    limit and one chunk of 48 images at 2048x2048: the limit fires, what was scored is committed, the rest
-    is re-sent in smaller chunks, and the job finishes with every image scored or failed as timed_out."""
+    limit and one chunk of 128 images at 2048x2048 (decoding alone takes about 4 s on an idle core): the
+    limit fires, what was scored is committed, the rest is re-sent in smaller chunks, and the job finishes
+    with every image scored or failed as timed_out."""
     stack = reliability_stack
     folder = stack.archive / f"time-limit-{uuid.uuid4().hex[:6]}"
     folder.mkdir()
     data = png_bytes(size=(2048, 2048), seed=1)
     uris = []
-    for i in range(48):
-        (folder / f"{i:02d}.png").write_bytes(data)
-        uris.append(str(folder / f"{i:02d}.png"))
+    for i in range(128):
+        (folder / f"{i:03d}.png").write_bytes(data)
+        uris.append(str(folder / f"{i:03d}.png"))
     queue = f"time-limit-{uuid.uuid4().hex[:8]}"
     env = stack.env | {
         "DEEPCOVID_QUEUE": queue,

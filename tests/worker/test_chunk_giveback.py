@@ -28,11 +28,11 @@ class StopsOnBatch:
         self._error = error
         self.batches = 0
 
-    def score(self, batch: Any) -> Any:
+    def score(self, batch: Any, **options: Any) -> Any:
         self.batches += 1
         if self.batches >= self._stop_at:
             raise self._error
-        return self._ensemble.score(batch)
+        return self._ensemble.score(batch, **options)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._ensemble, name)
