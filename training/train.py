@@ -442,15 +442,15 @@ def _int8(
     args: TrainArgs,
     temperatures: dict[str, float],
 ) -> tuple[dict[str, bytes], dict[str, Any]] | None:
-    """int8 networks calibrated on training images and checked on validation, when asked for and the
-    optional engine is installed (else the bundle serves bf16/fp32 only, and the log says so)."""
+    """int8 networks calibrated on training images (brought from their cached size to the input's) and
+    checked on validation, when asked for and the optional engine is installed (else the bundle serves
+    bf16/fp32 only, and the log says so)."""
     if args.int8_calibration_images <= 0:
         return None
     if (missing := engine_missing()) is not None:
         log.warning("bundle without int8 networks: %s", missing)
         return None
     models = {arch: fit.model.to("cpu").float() for arch, fit in fits.items()}
-    # Training images are cached larger than the input, for the crops; calibrate on what workers score.
     calibration = to_input_size(calibration_subset(train.images, args.int8_calibration_images, args.seed))
     return quantize_models(models, calibration, val.images, val.labels.numpy(), temperatures)
 
