@@ -442,9 +442,8 @@ def _int8(
     args: TrainArgs,
     temperatures: dict[str, float],
 ) -> tuple[dict[str, bytes], dict[str, Any]] | None:
-    """int8 networks calibrated on training images (brought from their cached size to the input's) and
-    checked on validation, when asked for and the optional engine is installed (else the bundle serves
-    bf16/fp32 only, and the log says so)."""
+    """int8 networks calibrated on training images (at the input's size, not the cache's) and checked on
+    validation, when asked for and the engine is installed (else bf16/fp32 only, and the log says so)."""
     if args.int8_calibration_images <= 0:
         return None
     if (missing := engine_missing()) is not None:
